@@ -1,0 +1,38 @@
+"""hf_clip_forget — training-free, data-free class unlearning for CLIP-style dual encoders, as a peft adapter.
+
+Give class names; a closed-form projection of the model's projection layers removes those classes from zero-shot
+recognition and keeps everything else. The edit is a peft adapter (``ProjectionEditConfig``, registered with peft
+when this package is imported) that can be merged, exactly unmerged, stacked, saved and loaded::
+
+    import hf_clip_forget
+    model = clip.add_forget_adapter(["cat"], tokenizer=tokenizer)     # a peft.PeftModel
+    model.save_pretrained("clip-without-cats")
+
+The package is layered; each layer imports only from the ones above it in this list:
+
+1. ``core/``     — math on tensors: templates, text embeddings, bases, projectors, CCUP, union (no peft);
+2. ``tuners/``   — peft glue: ``ProjectionEditConfig``, the layer, the tuner, their registration;
+3. ``api.py``    — the user API: ``add_forget_adapter``, ``ForgetPeftModel``;
+
+``testing_utils.py`` builds tiny random models and tokenizers for tests and examples (no downloads).
+"""
+
+from .core import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, LowRankEdit
+from .tuners import ProjectionEditConfig, ProjectionEditModel
+from .api import ForgetPeftModel, add_forget_adapter, install_model_methods
+
+
+__version__ = "0.1.0"
+
+install_model_methods()
+
+__all__ = [
+    "IMAGENET_TEMPLATES",
+    "SINGLE_TEMPLATE",
+    "ForgetPeftModel",
+    "LowRankEdit",
+    "ProjectionEditConfig",
+    "ProjectionEditModel",
+    "__version__",
+    "add_forget_adapter",
+]

@@ -1,0 +1,469 @@
+"""Layer 3 — the user API: :func:`add_forget_adapter` and :class:`ForgetPeftModel`.
+
+``import hf_clip_forget`` also gives ``CLIPModel`` and ``VisionTextDualEncoderModel`` an ``add_forget_adapter``
+method (the same function), so that::
+
+    model = clip.add_forget_adapter(["cat", "dog"], tokenizer=tokenizer)   # a ForgetPeftModel (peft.PeftModel)
+    model = model.add_forget_adapter(["truck"], adapter_name="vehicles")   # stacks: both forgotten
+    model.merge_adapter(); model.unmerge_adapter()                          # exact round trip
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+
+from .core import (
+    DEFAULT_RANK_TOLERANCE,
+    EDIT_METHODS,
+    EditFactors,
+    build_edit_factors,
+    check_tokenizer_fits,
+    class_text_embeddings,
+    encode_prompts,
+    normalize_rows,
+    resolve_templates,
+    validate_class_names,
+)
+from .core.subspace import check_alpha, check_nonnegative
+from .tuners.projection_edit import PEFT_TYPE, SAVED_PEFT_TYPE, ProjectionEditConfig, ProjectionEditLayer
+
+
+#: ``target`` option → projection layers edited.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "visual": ("visual_projection",),
+    "text": ("text_projection",),
+    "both": ("visual_projection", "text_projection"),
+}
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class _AdapterPlan:
+    """Everything an adapter needs, computed before the model is touched."""
+
+    adapter_name: str
+    config: ProjectionEditConfig
+    factors: dict[str, tuple[Tensor, Optional[Tensor]]]
+
+
+class ForgetPeftModel(PeftModel):
+    """A :class:`peft.PeftModel` holding a stack of forget adapters on a dual encoder.
+
+    Everything of ``PeftModel`` works as usual (``merge_adapter``, ``unmerge_adapter``, ``merge_and_unload``,
+    ``unload``, ``delete_adapter``, ``disable_adapter``, ``save_pretrained``, ``get_image_features``…). In addition:
+
+    * :meth:`add_forget_adapter` adds another named adapter; all added adapters are active together and their
+      combined effect is the union of their forget subspaces;
+    * :meth:`set_adapter` accepts a list of names;
+    * :meth:`from_pretrained` loads every adapter of a saved stack (the root one and those in subfolders) and
+      activates them all;
+    * :attr:`forgotten_classes` says what each adapter forgets.
+    """
+
+    def add_forget_adapter(self, classes: Optional[Sequence[str]] = None, tokenizer=None, **options) -> ForgetPeftModel:
+        """Add another forget adapter on top of the active ones. Same arguments as :func:`add_forget_adapter`,
+        whose ``adapter_name`` must be new (the default is ``"forget_<n>"``)."""
+        return add_forget_adapter(self, classes, tokenizer, **options)
+
+    @property
+    def forgotten_classes(self) -> dict[str, list[str]]:
+        """Adapter name → the classes it forgets."""
+        return {name: list(config.forgotten_classes) for name, config in self.peft_config.items()}
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = True) -> None:
+        """Activate one adapter or, given a list, several together (their union is applied)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
+        if isinstance(adapter_name, str):
+            super().set_adapter(adapter_name, inference_mode=inference_mode)
+        else:
+            self.base_model.set_adapter(names, inference_mode=inference_mode)
+
+    @classmethod
+    def from_pretrained(cls, model, model_id: Union[str, os.PathLike], adapter_name: str = "default", **kwargs):
+        """Load a saved forget adapter — or every adapter of a saved stack — onto ``model``.
+
+        Without ``subfolder``, the adapter at the root of ``model_id`` (named ``adapter_name``) and one adapter per
+        subfolder holding an ``adapter_config.json`` (named after the subfolder, as ``save_pretrained`` writes
+        them) are loaded and all activated. ``model_id`` is a local directory or a Hub repo id.
+        """
+        if "subfolder" in kwargs:
+            return super().from_pretrained(model, model_id, adapter_name=adapter_name, **kwargs)
+        hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+        entries = _saved_adapters(str(model_id), adapter_name, **hub_kwargs)
+        if not entries:
+            return super().from_pretrained(model, model_id, adapter_name=adapter_name, **kwargs)
+        (first_name, first_subfolder), rest = entries[0], entries[1:]
+        first_kwargs = dict(kwargs, **({"subfolder": first_subfolder} if first_subfolder else {}))
+        peft_model = super().from_pretrained(model, model_id, adapter_name=first_name, **first_kwargs)
+        for name, subfolder in rest:
+            load_kwargs = {k: v for k, v in kwargs.items() if k not in ("is_trainable", "config")}
+            peft_model.load_adapter(model_id, adapter_name=name, subfolder=subfolder, **load_kwargs)
+        names = [name for name, _ in entries]
+        peft_model.base_model.set_adapter(names, inference_mode=True)
+        return peft_model
+
+
+def add_forget_adapter(
+    model: nn.Module,
+    classes: Optional[Sequence[str]] = None,
+    tokenizer=None,
+    *,
+    retain_classes: Optional[Sequence[str]] = None,
+    alpha: float = 1.0,
+    method: str = "nullspace",
+    templates: Union[str, Sequence[str], None] = None,
+    average_templates: bool = True,
+    target: str = "visual",
+    adapter_name: Optional[str] = None,
+    text_embeds: Optional[Tensor] = None,
+    retain_text_embeds: Optional[Tensor] = None,
+    ccup_lambda: float = 1000.0,
+    ccup_mu: float = 100.0,
+    rank_tolerance: float = DEFAULT_RANK_TOLERANCE,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> ForgetPeftModel:
+    """Forget ``classes`` from a dual encoder's zero-shot recognition, with no data and no training.
+
+    The class names are embedded with the model's own text tower; a closed-form edit of the projection layer(s)
+    removes their directions, and is attached as a peft adapter that can be merged, unmerged (exactly), stacked,
+    saved and loaded. Nothing is modified until every input has been checked and the edit computed.
+
+    Args:
+        model: a ``CLIPModel``, a ``VisionTextDualEncoderModel`` (or a model with the same ``visual_projection`` /
+            ``text_projection`` layers and ``get_text_features``), or a :class:`ForgetPeftModel` to stack onto.
+        classes: class names to forget, e.g. ``["cat", "dog"]``. Optional with ``text_embeds`` (then they label it).
+        tokenizer: the model's tokenizer. If omitted, it is loaded from the model's ``name_or_path``.
+        retain_classes: classes to keep (``method="ccup"``; with ``target="text"``/``"both"`` they are also kept
+            exactly on the text side).
+        alpha: nullspace strength in [0, 1]; the forget component of every image embedding is scaled by
+            ``1 − alpha``.
+        method: ``"nullspace"`` (``I − α QQᵀ``) or ``"ccup"`` (keeps ``retain_classes``; weights ``ccup_lambda`` λ
+            and ``ccup_mu`` μ).
+        templates: prompt templates: a list of format strings with one ``{}``, one string, or the name of a
+            built-in set (``"imagenet"``, the default 80-template ensemble, or ``"single"``).
+        average_templates: average each class's template embeddings into one direction (default) or keep one
+            direction per (class, template).
+        target: ``"visual"`` (edit ``visual_projection``, default), ``"text"`` (edit ``text_projection``: forgotten
+            prompts become generic ones) or ``"both"``.
+        adapter_name: name of the new adapter (default ``"default"`` for the first, ``"forget_<n>"`` after).
+        text_embeds: precomputed ``(n, d)`` text embeddings to forget, instead of embedding ``classes``.
+        retain_text_embeds: precomputed ``(r, d)`` embeddings to keep, instead of embedding ``retain_classes``.
+        ccup_lambda, ccup_mu: CCUP weights λ (forget) and μ (retain), both >= 0.
+        rank_tolerance: relative singular value under which a direction of the forget set counts as noise.
+        batch_size: prompts per text-tower batch.
+        show_progress: show a progress bar while embedding prompts.
+
+    Returns:
+        A :class:`ForgetPeftModel` (a ``peft.PeftModel``) wrapping ``model``; ``model`` itself is wrapped in place,
+        as with ``peft.get_peft_model``.
+    """
+    plan = _plan_adapter(
+        model,
+        classes,
+        tokenizer,
+        retain_classes=retain_classes,
+        alpha=alpha,
+        method=method,
+        templates=templates,
+        average_templates=average_templates,
+        target=target,
+        adapter_name=adapter_name,
+        text_embeds=text_embeds,
+        retain_text_embeds=retain_text_embeds,
+        ccup_lambda=ccup_lambda,
+        ccup_mu=ccup_mu,
+        rank_tolerance=rank_tolerance,
+        batch_size=batch_size,
+        show_progress=show_progress,
+    )
+    name = plan.adapter_name
+    if isinstance(model, ForgetPeftModel):
+        _stack_adapter(model, name, plan)
+        return model
+    with _quiet_peft_wrapping():
+        peft_model = ForgetPeftModel(model, plan.config, adapter_name=name)
+    peft_model.base_model.set_factors(name, plan.factors)
+    return peft_model
+
+
+def _stack_adapter(model: ForgetPeftModel, name: str, plan: _AdapterPlan) -> None:
+    active = [n for n in model.active_adapters if n in model.peft_config]
+    merged = sorted({n for layer in model.base_model.forget_layers().values() for n in layer.merged_adapters})
+    if merged:
+        model.base_model.unmerge_adapter()  # bit-exact; peft would otherwise unmerge with a warning
+    try:
+        model.add_adapter(name, plan.config)
+        model.base_model.set_factors(name, plan.factors)
+    except Exception:
+        if name in model.peft_config:
+            model.delete_adapter(name)
+        raise
+    finally:
+        model.base_model.set_adapter(active + ([name] if name in model.peft_config else []), inference_mode=True)
+        if merged:
+            model.base_model.merge_adapter(merged)
+
+
+def _plan_adapter(
+    model,
+    classes,
+    tokenizer,
+    *,
+    retain_classes,
+    alpha,
+    method,
+    templates,
+    average_templates,
+    target,
+    adapter_name,
+    text_embeds,
+    retain_text_embeds,
+    ccup_lambda,
+    ccup_mu,
+    rank_tolerance,
+    batch_size,
+    show_progress,
+) -> _AdapterPlan:
+    """Validate everything and compute the adapter's config and factors, without modifying ``model``."""
+    if method not in EDIT_METHODS:
+        raise ValueError(f"`method` must be one of {list(EDIT_METHODS)}, got {method!r}.")
+    if target not in TARGETS:
+        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {target!r}.")
+    check_alpha(alpha)
+    check_nonnegative(ccup_lambda, "ccup_lambda")
+    check_nonnegative(ccup_mu, "ccup_mu")
+    check_nonnegative(rank_tolerance, "rank_tolerance")
+    if retain_classes is not None and method == "nullspace" and target == "visual":
+        raise ValueError(
+            "`retain_classes` is used by method='ccup' (or by text-side edits). Pass method='ccup' to keep those "
+            "classes, or drop `retain_classes`."
+        )
+
+    if isinstance(model, PeftModel) and not isinstance(model, ForgetPeftModel):
+        raise TypeError(
+            f"{type(model).__name__} is a PeftModel of another kind; forget adapters cannot share a PeftModel with "
+            "other peft methods. Pass the base model, or a model loaded with ForgetPeftModel.from_pretrained."
+        )
+    wrapped = isinstance(model, ForgetPeftModel)
+    base = model.get_base_model() if wrapped else model
+    adapter_name = _check_adapter_name(adapter_name, model if wrapped else None)
+    modules = TARGETS[target]
+    shapes = {name: _projection_shape(base, name) for name in modules}
+    dim = _projection_shape(base, "text_projection")[0] if hasattr(base, "text_projection") else None
+    dim = dim or next(iter(shapes.values()))[0]
+
+    templates = resolve_templates(templates)
+    needs_text_tower = text_embeds is None or target != "visual" or (
+        retain_classes is not None and retain_text_embeds is None
+    )
+    if needs_text_tower:
+        tokenizer = _resolve_tokenizer(base, tokenizer)
+        check_tokenizer_fits(base, tokenizer)
+
+    if text_embeds is not None:
+        forget = _check_embeddings(text_embeds, dim, "text_embeds")
+        if classes is None:
+            classes = [f"<embedding {i}>" for i in range(forget.shape[0])]
+        classes = validate_class_names(classes)
+        if len(classes) != forget.shape[0]:
+            raise ValueError(f"`classes` names {len(classes)} classes but `text_embeds` has {forget.shape[0]} rows.")
+    else:
+        classes = validate_class_names(classes)
+    if retain_classes is not None:
+        retain_classes = validate_class_names(retain_classes, "retain_classes")
+        overlap = sorted(set(classes) & set(retain_classes))
+        if overlap:
+            raise ValueError(f"{overlap} are both forgotten and retained; a class must be in only one of the lists.")
+    if retain_text_embeds is not None and method == "nullspace" and target == "visual":
+        raise ValueError("`retain_text_embeds` is used by method='ccup' (or text-side edits); pass method='ccup'.")
+
+    def embed(names: list[str]) -> Tensor:
+        return class_text_embeddings(
+            base, tokenizer, names, templates, average_templates, batch_size, show_progress
+        ).embeddings
+
+    context = model.base_model.edits_bypassed() if wrapped else contextlib.nullcontext()
+    with context, torch.no_grad():
+        if text_embeds is None:
+            forget = embed(classes)
+        retain = None
+        if retain_text_embeds is not None:
+            retain = _check_embeddings(retain_text_embeds, dim, "retain_text_embeds")
+        elif retain_classes is not None:
+            retain = embed(retain_classes)
+        anchor = None
+        if target != "visual":
+            # the bare templates ("a photo of a ."): where forgotten prompts are sent on the text side
+            anchor = normalize_rows(encode_prompts(base, tokenizer, [t.format("") for t in templates], batch_size, False))
+            anchor = normalize_rows(anchor.mean(dim=0, keepdim=True)) if average_templates else anchor
+
+    factors: dict[str, EditFactors] = {}
+    if "visual_projection" in modules:
+        factors["visual_projection"] = build_edit_factors(method, forget, retain, rtol=rank_tolerance)
+    if "text_projection" in modules:
+        factors["text_projection"] = build_edit_factors(method, forget, retain, anchor, rtol=rank_tolerance)
+
+    config = ProjectionEditConfig(
+        target_modules=list(modules),
+        method=method,
+        alpha=float(alpha),
+        ccup_lambda=float(ccup_lambda),
+        ccup_mu=float(ccup_mu),
+        rank_pattern={name: int(f.forget.shape[1]) for name, f in factors.items()},
+        retain_rank_pattern={name: int(f.retain.shape[1]) for name, f in factors.items() if f.retain is not None},
+        projection_shapes={name: list(shape) for name, shape in shapes.items()},
+        forgotten_classes=list(classes),
+        retain_classes=list(retain_classes or []),
+        templates=list(templates),
+        average_templates=bool(average_templates),
+        rank_tolerance=float(rank_tolerance),
+        embedding_source="text_embeds" if text_embeds is not None else "class_names",
+        base_model_name_or_path=(getattr(base, "name_or_path", None) or None),
+    )
+    return _AdapterPlan(adapter_name, config, {name: (f.forget, f.retain) for name, f in factors.items()})
+
+
+def _check_adapter_name(adapter_name: Optional[str], wrapped: Optional[ForgetPeftModel]) -> str:
+    existing = set(wrapped.peft_config) if wrapped is not None else set()
+    if adapter_name is None:
+        if not existing:
+            return "default"
+        index = len(existing)
+        while f"forget_{index}" in existing:
+            index += 1
+        return f"forget_{index}"
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
+        raise ValueError(f"`adapter_name` must be a non-empty string without '.' or '/', got {adapter_name!r}.")
+    if adapter_name in existing:
+        raise ValueError(
+            f"An adapter named {adapter_name!r} already exists (adapters: {sorted(existing)}). Choose another "
+            "`adapter_name`, or `delete_adapter` the old one first."
+        )
+    return adapter_name
+
+
+def _projection_shape(model: nn.Module, name: str) -> tuple[int, int]:
+    layer = getattr(model, name, None)
+    if isinstance(layer, ProjectionEditLayer):
+        layer = layer.get_base_layer()
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"{type(model).__name__} has no `{name}` nn.Linear layer, so it is not a CLIP-style dual encoder that "
+            "forget adapters can edit. Use a CLIPModel or VisionTextDualEncoderModel (or a model with "
+            "`visual_projection`/`text_projection` layers)."
+        )
+    return layer.out_features, layer.in_features
+
+
+def _check_embeddings(embeds, dim: int, argument: str) -> Tensor:
+    if not isinstance(embeds, Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor of shape (n, {dim}), got {type(embeds).__name__}.")
+    if embeds.ndim != 2 or embeds.shape[1] != dim or embeds.shape[0] == 0:
+        raise ValueError(
+            f"`{argument}` must have shape (n, {dim}) — one row per class in the model's {dim}-dimensional "
+            f"embedding space — got {tuple(embeds.shape)}."
+        )
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"`{argument}` contains NaN or inf values; every embedding must be finite.")
+    if (embeds.norm(dim=1) == 0).any():
+        raise ValueError(f"`{argument}` contains an all-zero row, which has no direction to forget.")
+    return normalize_rows(embeds)
+
+
+def _resolve_tokenizer(model, tokenizer):
+    if tokenizer is not None:
+        if not callable(tokenizer) or not hasattr(tokenizer, "__len__"):
+            raise TypeError(f"`tokenizer` must be a transformers tokenizer, got {type(tokenizer).__name__}.")
+        return tokenizer
+    source = getattr(model, "name_or_path", None)
+    if not source:
+        raise ValueError(
+            "Pass `tokenizer=` (e.g. `AutoTokenizer.from_pretrained(<model id>)`): the model was not loaded from a "
+            "checkpoint, so its tokenizer cannot be found."
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ValueError(
+            f"Could not load the tokenizer of {source!r} ({error}). Pass `tokenizer=` explicitly."
+        ) from error
+
+
+@contextlib.contextmanager
+def _quiet_peft_wrapping():
+    # peft 0.21 reads `model.is_gradient_checkpointing`, deprecated in transformers 5.23 with a FutureWarning that
+    # says nothing useful to our users
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
+def _saved_adapters(model_id: str, root_name: str, **hub_kwargs) -> list[tuple[str, Optional[str]]]:
+    """``(adapter name, subfolder)`` of every forget adapter saved under ``model_id`` (root first)."""
+    if os.path.isdir(model_id):
+        config_paths = [
+            os.path.relpath(os.path.join(directory, ADAPTER_CONFIG_NAME), model_id)
+            for directory, _, files in os.walk(model_id)
+            if ADAPTER_CONFIG_NAME in files
+        ]
+
+        def read(path: str) -> dict:
+            with open(os.path.join(model_id, path)) as handle:
+                return json.load(handle)
+
+    else:
+        from huggingface_hub import hf_hub_download, list_repo_files
+
+        try:
+            files = list_repo_files(model_id, **{k: v for k, v in hub_kwargs.items() if k != "cache_dir"})
+        except Exception:  # noqa: BLE001 - let peft raise its usual error for an unreachable source
+            return []
+        config_paths = [f for f in files if f == ADAPTER_CONFIG_NAME or f.endswith("/" + ADAPTER_CONFIG_NAME)]
+
+        def read(path: str) -> dict:
+            with open(hf_hub_download(model_id, path, **hub_kwargs)) as handle:
+                return json.load(handle)
+
+    entries = []
+    for path in sorted(config_paths, key=lambda p: (p.count("/"), p)):
+        subfolder = os.path.dirname(path).replace(os.sep, "/")
+        if subfolder.count("/") > 0:
+            continue  # only the root and direct subfolders, as save_pretrained writes them
+        if read(path).get("peft_type") not in (SAVED_PEFT_TYPE, PEFT_TYPE.value):
+            continue
+        entries.append((root_name, None) if not subfolder else (subfolder, subfolder))
+    return entries
+
+
+def _model_method(self, classes=None, tokenizer=None, **options):
+    return add_forget_adapter(self, classes, tokenizer, **options)
+
+
+_model_method.__doc__ = add_forget_adapter.__doc__
+_model_method.__name__ = "add_forget_adapter"
+
+
+def install_model_methods() -> None:
+    """Give ``CLIPModel`` and ``VisionTextDualEncoderModel`` an ``add_forget_adapter`` method (idempotent; an
+    existing attribute of that name is never replaced)."""
+    from transformers import CLIPModel, VisionTextDualEncoderModel
+
+    for model_cls in (CLIPModel, VisionTextDualEncoderModel):
+        if not hasattr(model_cls, "add_forget_adapter"):
+            model_cls.add_forget_adapter = _model_method

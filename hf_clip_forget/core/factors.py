@@ -1,0 +1,63 @@
+"""From class embeddings to the thin factors one adapter stores for one projection layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .subspace import DEFAULT_RANK_TOLERANCE, EDIT_METHODS, gram_factor, normalize_rows, orthonormal_basis, remove_span
+
+
+@dataclass(frozen=True)
+class EditFactors:
+    """The stored state of one adapter on one layer (float64 here; the adapter keeps float32 copies).
+
+    Attributes:
+        forget: ``(d, k)``; for ``"nullspace"`` an orthonormal basis ``Q`` of the forget subspace, for ``"ccup"`` a
+            Gram factor ``F`` with ``F Fᵀ = T_f T_fᵀ``.
+        retain: ``(d, r)`` Gram factor of the retain set (``"ccup"`` only), or ``None``.
+    """
+
+    forget: Tensor
+    retain: Tensor | None = None
+
+
+def build_edit_factors(
+    method: str,
+    forget_embeds: Tensor,
+    retain_embeds: Tensor | None = None,
+    anchor_embeds: Tensor | None = None,
+    rtol: float = DEFAULT_RANK_TOLERANCE,
+) -> EditFactors:
+    """Factors of a forget edit from row embeddings.
+
+    Image side (``anchor_embeds is None``): the forget directions are the normalised forget embeddings ``T_f``.
+
+    Text side (``anchor_embeds`` given, e.g. the embedding of the bare template "a photo of a ."): projecting the
+    text features onto the nullspace of ``T_f`` would send the forgotten prompts to ~0, which the model then
+    renormalises into a random direction. Instead the forget directions are the parts of ``T_f`` orthogonal to the
+    kept span ``K = span(anchor, T_r)``: the edit maps a forgotten prompt onto its projection in ``K`` (it becomes
+    a generic prompt), and leaves the anchor and the retain prompts exactly unchanged.
+    """
+    if method not in EDIT_METHODS:
+        raise ValueError(f"`method` must be one of {EDIT_METHODS}, got {method!r}.")
+    forget = normalize_rows(forget_embeds)
+    retain = normalize_rows(retain_embeds) if retain_embeds is not None else None
+    if anchor_embeds is not None:
+        kept_rows = normalize_rows(anchor_embeds)
+        if retain is not None:
+            kept_rows = torch.cat([kept_rows, retain])
+        distinctive = remove_span(forget, orthonormal_basis(kept_rows, rtol=rtol))
+        too_small = distinctive.norm(dim=1) < 1e-6
+        if too_small.any():
+            raise ValueError(
+                "Some forget prompts lie entirely in the span of the anchor and retain prompts, so a text-side edit "
+                "cannot separate them; remove them from the retain set or edit the image side (target='visual')."
+            )
+        forget = normalize_rows(distinctive)
+        retain = kept_rows
+    if method == "nullspace":
+        return EditFactors(orthonormal_basis(forget, rtol=rtol))
+    return EditFactors(gram_factor(forget, rtol=rtol), gram_factor(retain, rtol=rtol) if retain is not None else None)

@@ -1,0 +1,81 @@
+"""Prompt templates that turn a class name into sentences for the text tower.
+
+Every template is a format string with exactly one ``{}`` (the class name). Three kinds of template sets are
+accepted wherever templates are: the name of a built-in set (``"single"`` or ``"imagenet"``), one template
+string, or a list of template strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
+
+# The 80 prompts of the ImageNet zero-shot ensemble published with CLIP (Radford et al., 2021).
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+)  # fmt: skip
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"single": SINGLE_TEMPLATE, "imagenet": IMAGENET_TEMPLATES}
+
+
+def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
+    """Return the template list for ``templates`` and check that each has exactly one ``{}``.
+
+    Args:
+        templates: ``None`` (the 80-template ``"imagenet"`` ensemble), the name of a built-in set
+            (``"single"``, ``"imagenet"``), one template string, or a sequence of template strings.
+
+    Raises:
+        ValueError: for an unknown set name, an empty list, a duplicate, or a template without exactly one ``{}``.
+        TypeError: for a template that is not a string.
+    """
+    if templates is None:
+        return list(IMAGENET_TEMPLATES)
+    if isinstance(templates, str):
+        if templates in TEMPLATE_SETS:
+            return list(TEMPLATE_SETS[templates])
+        if "{}" not in templates:
+            raise ValueError(
+                f"Unknown template set {templates!r}. Pass one of {sorted(TEMPLATE_SETS)} or a format string "
+                "with one '{}' for the class name, e.g. 'a photo of a {}.'."
+            )
+        templates = [templates]
+    templates = list(templates)
+    if not templates:
+        raise ValueError("`templates` is empty. Pass at least one format string such as 'a photo of a {}.'.")
+    for template in templates:
+        if not isinstance(template, str):
+            raise TypeError(f"Templates must be strings, got {template!r} of type {type(template).__name__}.")
+        if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.replace("{}", "").count("}"):
+            raise ValueError(
+                f"Template {template!r} must contain exactly one '{{}}' (where the class name goes) and no other braces."
+            )
+    if len(set(templates)) != len(templates):
+        raise ValueError(f"`templates` contains duplicates: {templates!r}.")
+    return templates
+
+
+def fill_templates(class_name: str, templates: Sequence[str]) -> list[str]:
+    """The prompts for one class: every template formatted with ``class_name``."""
+    return [template.format(class_name) for template in templates]

@@ -1,0 +1,97 @@
+"""Tiny, randomly initialised dual encoders and a word-level tokenizer, built offline.
+
+They exercise the mechanics of forget adapters (exactness, shapes, round trips) in tests and examples; being
+random, they say nothing about how well forgetting works on real images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .core.templates import IMAGENET_TEMPLATES
+
+
+SPECIAL_TOKENS = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3}
+#: Class names the default tiny vocabulary knows (CIFAR-10, PACS and a few more).
+TINY_CLASS_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck", "elephant",
+    "giraffe", "guitar", "house", "person", "car", "tree", "flower", "fish", "boat", "chair", "lamp", "apple",
+    "bicycle", "rocket", "sketch", "painting", "cartoon", "art",
+)  # fmt: skip
+TINY_VOCAB_SIZE = 1000
+
+
+def tiny_tokenizer(extra_words: Iterable[str] = ()):
+    """A lower-casing word-level ``PreTrainedTokenizerFast`` whose vocabulary holds the ImageNet template words,
+    :data:`TINY_CLASS_NAMES` and ``extra_words``; it wraps every text as ``[BOS] … [EOS]``."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    words = set(TINY_CLASS_NAMES) | {w.lower() for w in extra_words}
+    for template in IMAGENET_TEMPLATES:
+        words.update(token for token, _ in pre_tokenizer.pre_tokenize_str(template.replace("{}", " ").lower()))
+    vocab = dict(SPECIAL_TOKENS)
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    if len(vocab) > TINY_VOCAB_SIZE:
+        raise ValueError(f"The tiny vocabulary is limited to {TINY_VOCAB_SIZE} tokens, got {len(vocab)}.")
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        model_max_length=64,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def tiny_clip(seed: int = 0, projection_dim: int = 16, dtype: torch.dtype = torch.float32):
+    """A randomly initialised 2+2-layer ``CLIPModel`` (hidden 32, 32×32 images) in eval mode."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        ),
+        vision_config=dict(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, num_channels=3,
+        ),
+        projection_dim=projection_dim,
+    )  # fmt: skip
+    return CLIPModel(config).to(dtype).eval()
+
+
+def tiny_dual_encoder(seed: int = 0, projection_dim: int = 16, dtype: torch.dtype = torch.float32):
+    """A randomly initialised ``VisionTextDualEncoderModel`` (tiny CLIP vision tower + tiny BERT) in eval mode."""
+    from transformers import BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+    )
+    text = BertConfig(
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=projection_dim)
+    return VisionTextDualEncoderModel(config=config).to(dtype).eval()
+
+
+def random_pixels(batch_size: int = 4, image_size: int = 32, seed: int = 1) -> torch.Tensor:
+    """Seeded random ``pixel_values`` for the tiny models."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, image_size, image_size, generator=generator)

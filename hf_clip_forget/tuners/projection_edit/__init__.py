@@ -1,0 +1,23 @@
+"""Layer 2 — the peft method ``projection_edit``: config, layer, tuner and their registration with peft."""
+
+from .config import ProjectionEditConfig
+from .layer import EditSettings, Linear, ProjectionEditLayer
+from .model import DEFAULT_TARGET_MODULES, ProjectionEditModel
+from .registration import PEFT_TYPE, PREFIX, SAVED_PEFT_TYPE, ProjectionEditType, register_projection_edit
+
+
+register_projection_edit(config_cls=ProjectionEditConfig, model_cls=ProjectionEditModel)
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "PEFT_TYPE",
+    "PREFIX",
+    "SAVED_PEFT_TYPE",
+    "EditSettings",
+    "Linear",
+    "ProjectionEditConfig",
+    "ProjectionEditLayer",
+    "ProjectionEditModel",
+    "ProjectionEditType",
+    "register_projection_edit",
+]

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ...core.subspace import DEFAULT_RANK_TOLERANCE, EDIT_METHODS, check_alpha, check_nonnegative
+from .registration import PEFT_TYPE, SAVED_PEFT_TYPE
+
+
+@dataclass
+class ProjectionEditConfig(PeftConfig):
+    """Configuration of a forget adapter: a closed-form edit ``W' = M W`` of a dual encoder's projection layers.
+
+    ``M = I − α QQᵀ`` (``method="nullspace"``) removes the span ``Q`` of the forgotten classes' text embeddings
+    from every output of the wrapped layer; ``method="ccup"`` solves
+    ``min ‖M − I‖² + λ‖M T_f‖² + μ‖M T_r − T_r‖²`` so that retain classes ``T_r`` keep their directions. The
+    adapter stores only thin ``(d, k)`` factors; nothing is trained. Build one with
+    :func:`hf_clip_forget.add_forget_adapter` rather than by hand: it fills the factor ranks and the record of
+    what is forgotten.
+
+    Args:
+        target_modules (`list[str]` or `str`, *optional*):
+            Projection layers to wrap. Defaults to `["visual_projection"]` for `CLIPModel` and
+            `VisionTextDualEncoderModel`; add `"text_projection"` for a text-side edit.
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Modules not to wrap.
+        method (`str`, defaults to `"nullspace"`):
+            `"nullspace"` (projection onto the orthogonal complement of the forget subspace) or `"ccup"`
+            (projection that also keeps a retain set).
+        alpha (`float`, defaults to 1.0):
+            Strength of a nullspace edit in [0, 1]: the forget component of every embedding is scaled by `1 − alpha`.
+        ccup_lambda (`float`, defaults to 1000.0):
+            CCUP weight λ ≥ 0 of the forget term; larger forgets harder.
+        ccup_mu (`float`, defaults to 100.0):
+            CCUP weight μ ≥ 0 of the retain term; larger keeps retain classes closer to unchanged.
+        rank_pattern (`dict[str, int]`):
+            Number of forget-factor columns per target module (filled by `add_forget_adapter`; needed to create
+            correctly shaped buffers before a checkpoint is loaded).
+        retain_rank_pattern (`dict[str, int]`):
+            Number of retain-factor columns per target module (CCUP only).
+        projection_shapes (`dict[str, list[int]]`):
+            `[out_features, in_features]` of each target module when the adapter was built; loading onto layers
+            of another shape is refused.
+        forgotten_classes (`list[str]`):
+            The classes this adapter forgets (a saved adapter says what it forgets).
+        retain_classes (`list[str]`):
+            The classes CCUP was told to keep.
+        templates (`list[str]`):
+            Prompt templates used to embed the class names.
+        average_templates (`bool`, defaults to `True`):
+            Whether the template embeddings of each class were averaged into one direction per class.
+        rank_tolerance (`float`, defaults to 1e-5):
+            Relative singular-value threshold below which directions were dropped from the bases.
+        embedding_source (`str`, defaults to `"class_names"`):
+            `"class_names"` (embedded with the model's text tower) or `"text_embeds"` (vectors given by the user).
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Projection layers to wrap; default `visual_projection` for CLIP and dual encoders."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to wrap."})
+    method: str = field(default="nullspace", metadata={"help": "Edit method: 'nullspace' or 'ccup'."})
+    alpha: float = field(default=1.0, metadata={"help": "Nullspace strength in [0, 1]; 1 removes the subspace."})
+    ccup_lambda: float = field(default=1000.0, metadata={"help": "CCUP forget weight λ >= 0."})
+    ccup_mu: float = field(default=100.0, metadata={"help": "CCUP retain weight μ >= 0."})
+    rank_pattern: dict = field(
+        default_factory=dict, metadata={"help": "Forget-factor columns per target module, e.g. {'visual_projection': 2}."}
+    )
+    retain_rank_pattern: dict = field(
+        default_factory=dict, metadata={"help": "Retain-factor columns per target module (CCUP only)."}
+    )
+    projection_shapes: dict = field(
+        default_factory=dict, metadata={"help": "[out_features, in_features] of each target module at build time."}
+    )
+    forgotten_classes: list = field(default_factory=list, metadata={"help": "Class names this adapter forgets."})
+    retain_classes: list = field(default_factory=list, metadata={"help": "Class names CCUP keeps."})
+    templates: list = field(default_factory=list, metadata={"help": "Prompt templates used to embed class names."})
+    average_templates: bool = field(
+        default=True, metadata={"help": "Whether template embeddings were averaged per class."}
+    )
+    rank_tolerance: float = field(
+        default=DEFAULT_RANK_TOLERANCE, metadata={"help": "Relative singular-value cut-off of the bases."}
+    )
+    embedding_source: str = field(
+        default="class_names", metadata={"help": "'class_names' or 'text_embeds' (precomputed vectors)."}
+    )
+    # peft's generic code reads these two through getattr; declared so that they are explicit and validated
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Not supported (nothing trains)."})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        # JSON gives back the saved string; the in-memory type is always the enum member
+        self.peft_type = PEFT_TYPE
+        self.inference_mode = True  # nothing is trainable; the flag only steers peft's requires_grad handling
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.modules_to_save:
+            raise ValueError(
+                "ProjectionEditConfig is a closed-form edit with nothing to train; `modules_to_save` is not supported."
+            )
+        if self.target_parameters:
+            raise ValueError("ProjectionEditConfig wraps modules; `target_parameters` is not supported.")
+        if self.method not in EDIT_METHODS:
+            raise ValueError(f"`method` must be one of {list(EDIT_METHODS)}, got {self.method!r}.")
+        check_alpha(self.alpha)
+        check_nonnegative(self.ccup_lambda, "ccup_lambda")
+        check_nonnegative(self.ccup_mu, "ccup_mu")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("retain_rank_pattern", self.retain_rank_pattern)):
+            for module, rank in pattern.items():
+                if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+                    raise ValueError(f"`{name}[{module!r}]` must be an integer >= 0, got {rank!r}.")
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["peft_type"] = SAVED_PEFT_TYPE  # see registration.SAVED_PEFT_TYPE
+        return output
+

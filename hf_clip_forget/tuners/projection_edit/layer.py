@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ...core.subspace import EditSpec, LowRankEdit, compose_edits
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """The hyperparameters of one adapter on one layer (from its config; not saved as tensors)."""
+
+    method: str
+    alpha: float
+    ccup_lambda: float
+    ccup_mu: float
+    rank_tolerance: float
+
+
+class ProjectionEditLayer(BaseTunerLayer):
+    """Wraps an ``nn.Linear`` projection ``y = W x`` with the union of the active forget edits ``y ↦ M y``.
+
+    Per adapter, the layer stores a forget factor (``(d, k)``, persistent float32 buffer) and, for CCUP, a retain
+    factor; the combined ``M = I − U Vᵀ`` of the active adapters is computed in float64 by
+    :func:`hf_clip_forget.core.compose_edits`, cached, and applied in float32.
+
+    Merging writes ``M W`` into the weight after keeping a copy of the weight from before the first merge; unmerging
+    puts that copy back, so a merge/unmerge round trip restores the weight bit for bit in any dtype (``M`` is singular
+    at ``alpha = 1``, so no inverse could). Merging more adapters later recomputes ``M`` of the whole merged union
+    from that copy: stacked merges are the union, never a product of projectors.
+    """
+
+    # Nothing is trainable: peft toggles requires_grad only on `adapter_layer_names`.
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ("projection_edit_forget", "projection_edit_retain", "projection_edit_settings")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.projection_edit_forget = BufferDict({}, persistent=True)
+        self.projection_edit_retain = BufferDict({}, persistent=True)
+        self.projection_edit_settings: dict[str, EditSettings] = {}
+        # the weight before the first merge; non-persistent, so it follows .to() but is never saved
+        self.register_buffer("projection_edit_pristine_weight", None, persistent=False)
+        self._edit_cache: dict[tuple, LowRankEdit] = {}
+        self._bypass_edits = False
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"Forget adapters wrap torch.nn.Linear projection layers, got {type(base).__name__}.")
+        if base.bias is not None:
+            # CLIP-style projections have no bias; with one, M(Wx + b) would need the bias merged too
+            raise TypeError("Forget adapters wrap bias-free projection layers; this nn.Linear has a bias.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.kwargs = kwargs
+
+    def update_layer(
+        self, adapter_name: str, settings: EditSettings, forget_rank: int, retain_rank: int, inference_mode: bool = True
+    ) -> None:
+        device = self.get_base_layer().weight.device
+        # zeros until set_factors() or a checkpoint fills them; float32 whatever the model dtype
+        self.projection_edit_forget[adapter_name] = torch.zeros(self.out_features, forget_rank, device=device)
+        if retain_rank:
+            self.projection_edit_retain[adapter_name] = torch.zeros(self.out_features, retain_rank, device=device)
+        self.projection_edit_settings[adapter_name] = settings
+        self._edit_cache.clear()
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def set_factors(self, adapter_name: str, forget: torch.Tensor, retain: Optional[torch.Tensor] = None) -> None:
+        """Store the ``(d, k)`` forget factor (and the CCUP retain factor) of ``adapter_name`` as float32."""
+        if adapter_name not in self.projection_edit_settings:
+            raise KeyError(f"Adapter {adapter_name!r} does not exist on this layer.")
+        device = self.get_base_layer().weight.device
+        for store, factor in ((self.projection_edit_forget, forget), (self.projection_edit_retain, retain)):
+            if factor is None:
+                continue
+            if factor.ndim != 2 or factor.shape[0] != self.out_features:
+                raise ValueError(
+                    f"A factor for this layer must be ({self.out_features}, k), got {tuple(factor.shape)}."
+                )
+            store[adapter_name] = factor.detach().to(device=device, dtype=torch.float32).contiguous()
+        self._edit_cache.clear()
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.projection_edit_settings)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # peft's default would also cast the factors to the base layer's dtype (bf16 factors are not orthonormal)
+        device = device if device is not None else self.get_base_layer().weight.device
+        for store in (self.projection_edit_forget, self.projection_edit_retain):
+            if adapter_name in store and store[adapter_name].device.type != "meta":
+                store[adapter_name] = store[adapter_name].to(device)
+        self._edit_cache.clear()
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) would round the factors too; keep them float32 on the new device
+        factors = {
+            (store_name, key): value
+            for store_name in ("projection_edit_forget", "projection_edit_retain")
+            for key, value in getattr(self, store_name).items()
+        }
+        result = super()._apply(fn, recurse)
+        device = self.get_base_layer().weight.device
+        for (store_name, key), value in factors.items():
+            getattr(self, store_name)[key] = value.to(device=device, dtype=torch.float32)
+        self._edit_cache.clear()
+        return result
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._edit_cache.clear()
+
+    def combined_edit(self, adapter_names: list[str]) -> LowRankEdit:
+        """The float32 edit ``M`` of the union of ``adapter_names`` (those present on this layer), cached."""
+        names = tuple(sorted(name for name in adapter_names if name in self.projection_edit_settings))
+        device = self.get_base_layer().weight.device
+        key = (names, device)
+        if key not in self._edit_cache:
+            specs = [self._spec(name) for name in names]
+            tolerance = min((self.projection_edit_settings[n].rank_tolerance for n in names), default=1e-5)
+            edit = compose_edits(specs, self.out_features, rtol=tolerance)
+            self._edit_cache[key] = edit.to(device=device, dtype=torch.float32)
+        return self._edit_cache[key]
+
+    def _spec(self, name: str) -> EditSpec:
+        settings = self.projection_edit_settings[name]
+        return EditSpec(
+            name=name,
+            method=settings.method,
+            forget=self.projection_edit_forget[name],
+            retain=self.projection_edit_retain[name] if name in self.projection_edit_retain else None,
+            alpha=settings.alpha,
+            ccup_lambda=settings.ccup_lambda,
+            ccup_mu=settings.ccup_mu,
+        )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``M W − W`` for this one adapter alone on the unedited weight (float32), as peft's API expects."""
+        weight = self.unedited_weight().to(torch.float32)
+        return self.combined_edit([adapter_name]).apply_to_weight(weight) - weight
+
+    def unedited_weight(self) -> torch.Tensor:
+        """The weight as it was before any merge."""
+        if self.projection_edit_pristine_weight is not None:
+            return self.projection_edit_pristine_weight
+        return self.get_base_weight()
+
+    def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """``M W₀`` for the union of the already merged adapters and ``adapter_names``, in the weight's dtype.
+
+        Computes without writing anything; raises a ``ValueError`` if the result is not finite.
+        """
+        pristine = self.unedited_weight()
+        edit = self.combined_edit(list(self.merged_adapters) + list(adapter_names))
+        merged = edit.apply_to_weight(pristine.to(torch.float32)).to(pristine.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter(s) {list(adapter_names)} seem to be broken; "
+                "nothing was merged."
+            )
+        return merged
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge the union of the already merged adapters and ``adapter_names`` (default: the active ones).
+
+        The merged weight is always computed and checked for NaN/inf before anything is written (``safe_merge``
+        is accepted for compatibility and always on).
+        """
+        adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.projection_edit_settings]
+        if not adapter_names:
+            return
+        self.write_merged_weight(self.merged_weight(adapter_names), adapter_names)
+
+    def write_merged_weight(self, merged: torch.Tensor, adapter_names: list[str]) -> None:
+        """Write a weight computed by :meth:`merged_weight` and record ``adapter_names`` as merged."""
+        if self.projection_edit_pristine_weight is None:
+            self.projection_edit_pristine_weight = self.get_base_weight().clone()
+        self.set_base_weight(merged)
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        """Put back the weight from before the first merge, bit for bit, and mark every adapter unmerged."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self.set_base_weight(self.projection_edit_pristine_weight)
+        self.projection_edit_pristine_weight = None
+        self.merged_adapters.clear()
+
+    @contextlib.contextmanager
+    def edits_bypassed(self):
+        """Within this context, forward computes the unedited layer; merge state is left alone."""
+        previous, self._bypass_edits = self._bypass_edits, True
+        try:
+            yield
+        finally:
+            self._bypass_edits = previous
+
+
+class Linear(nn.Module, ProjectionEditLayer):
+    """A forget adapter around an ``nn.Linear`` projection layer."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        settings: EditSettings,
+        forget_rank: int,
+        retain_rank: int = 0,
+        inference_mode: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        ProjectionEditLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._bypass_edits:
+            return nn.functional.linear(x, self.unedited_weight().to(x.dtype))
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.projection_edit_settings]
+        if self.merged:
+            pending = [name for name in active if name not in self.merged_adapters]
+            if not pending:
+                return self.base_layer(x, *args, **kwargs)
+            # some active adapters are not merged: apply the whole union to the unedited output
+            result = nn.functional.linear(x, self.unedited_weight().to(x.dtype))
+            active = list(self.merged_adapters) + pending
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        if not active:
+            return result
+        edit = self.combined_edit(active)
+        return edit.apply(result.to(torch.float32)).to(result.dtype)
+
+    def __repr__(self) -> str:
+        return "projection_edit." + super().__repr__()

@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import ProjectionEditConfig
+from .layer import EditSettings, Linear, ProjectionEditLayer
+from .registration import PREFIX
+
+
+#: Default target modules per transformers ``model_type``: the image side, where text-derived forget directions
+#: remove a class from zero-shot recognition.
+DEFAULT_TARGET_MODULES = {"clip": ["visual_projection"], "vision-text-dual-encoder": ["visual_projection"]}
+
+
+class ProjectionEditModel(BaseTuner):
+    """The peft tuner of forget adapters: wraps the projection layers of a dual encoder with
+    :class:`~hf_clip_forget.tuners.projection_edit.layer.Linear` forget layers.
+
+    Compared with peft's generic tuner, merging is atomic (every layer's merged weight is computed and checked
+    before any is written), unmerging with nothing merged is an error, and adapters are validated against the
+    shapes of the layers they target before anything is injected.
+
+    Args:
+        model (`transformers.PreTrainedModel`): a `CLIPModel`, `VisionTextDualEncoderModel` or compatible model.
+        config (`ProjectionEditConfig`): the adapter configuration.
+        adapter_name (`str`, defaults to `"default"`): the adapter name.
+
+    Example:
+        ```py
+        >>> import hf_clip_forget
+        >>> model = clip.add_forget_adapter(["cat"], tokenizer=tokenizer)  # a ForgetPeftModel
+        >>> model.base_model  # this tuner
+        ```
+
+    **Attributes**:
+        - **model** -- the wrapped model.
+        - **peft_config** -- adapter name → `ProjectionEditConfig`.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = ProjectionEditLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _check_new_adapter_config(self, config: ProjectionEditConfig) -> None:
+        # runs before anything is injected: refuse adapters built for other layer shapes here, not midway
+        if not config.projection_shapes:
+            return
+        modules = dict(self.model.named_modules())
+        for suffix, shape in config.projection_shapes.items():
+            matches = [module for name, module in modules.items() if name == suffix or name.endswith("." + suffix)]
+            if not matches:
+                raise ValueError(
+                    f"This adapter edits `{suffix}`, which the model does not have. It was built for a dual encoder "
+                    "with that projection layer (CLIPModel, VisionTextDualEncoderModel)."
+                )
+            module = matches[0]
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            actual = [getattr(base, "out_features", None), getattr(base, "in_features", None)]
+            if actual != list(shape):
+                raise ValueError(
+                    f"This adapter was saved for a `{suffix}` of shape (out, in) = {tuple(shape)}, but the model's "
+                    f"`{suffix}` is {tuple(actual)}. Load it onto the base model it was built for."
+                )
+
+    def _create_and_replace(
+        self, config: ProjectionEditConfig, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ):
+        settings = EditSettings(
+            method=config.method,
+            alpha=float(config.alpha),
+            ccup_lambda=float(config.ccup_lambda),
+            ccup_mu=float(config.ccup_mu),
+            rank_tolerance=float(config.rank_tolerance),
+        )
+        forget_rank = _pattern_value(config.rank_pattern, current_key)
+        retain_rank = _pattern_value(config.retain_rank_pattern, current_key)
+        if isinstance(target, ProjectionEditLayer):
+            target.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=True)
+            return
+        new_module = self._create_new_module(adapter_name, target, settings, forget_rank, retain_rank)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(adapter_name, target, settings, forget_rank, retain_rank) -> Linear:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"Target module {target} is not supported: forget adapters wrap torch.nn.Linear layers.")
+        return Linear(target, adapter_name, settings, forget_rank, retain_rank, inference_mode=True)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for param in model.parameters():
+            param.requires_grad = False
+
+    # ----------------------------------------------------------------------------------------------------- factors
+    def forget_layers(self) -> dict[str, ProjectionEditLayer]:
+        """Module name → forget layer, for every wrapped projection."""
+        return {name: module for name, module in self.model.named_modules() if isinstance(module, ProjectionEditLayer)}
+
+    def set_factors(self, adapter_name: str, factors: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+        """Store an adapter's factors: ``{module-name suffix: (forget, retain or None)}``."""
+        layers = self.forget_layers()
+        for suffix, (forget, retain) in factors.items():
+            matching = [layer for name, layer in layers.items() if name == suffix or name.endswith("." + suffix)]
+            if not matching:
+                raise KeyError(f"No forget layer named {suffix!r}; wrapped layers: {sorted(layers)}.")
+            for layer in matching:
+                layer.set_factors(adapter_name, forget, retain)
+
+    @contextlib.contextmanager
+    def edits_bypassed(self):
+        """Within this context the wrapped layers compute their unedited outputs (merged or not)."""
+        with contextlib.ExitStack() as stack:
+            for layer in self.forget_layers().values():
+                stack.enter_context(layer.edits_bypassed())
+            yield
+
+    # ------------------------------------------------------------------------------------------------------- merge
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge the union of the given (default: active) adapters into the projection weights, atomically."""
+        self._check_merge_allowed()
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        unknown = sorted(set(adapter_names or []) - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
+        plan = []
+        for layer in self.forget_layers().values():
+            requested = layer.active_adapters if adapter_names is None else adapter_names
+            names = [n for n in requested if n in layer.projection_edit_settings and n not in layer.merged_adapters]
+            if names:
+                plan.append((layer, layer.merged_weight(names), names))  # raises before anything is written
+        for layer, weight, names in plan:
+            layer.write_merged_weight(weight, names)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the projection weights from before the first merge, bit for bit."""
+        layers = [layer for layer in self.forget_layers().values() if layer.merged]
+        if not layers:
+            raise ValueError("No forget adapter is merged, so there is nothing to unmerge. Call `merge_adapter()` first.")
+        for layer in layers:
+            layer.unmerge()
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            # merge atomically first, so a failure leaves the wrapped model exactly as it was
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        else:
+            # `unload()` promises the original base model: put back the weights from before any merge
+            for layer in self.forget_layers().values():
+                if layer.merged:
+                    layer.unmerge()
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+
+def _pattern_value(pattern: dict, key: str) -> int:
+    """The entry of ``pattern`` whose key is ``key`` or a dotted suffix of it (0 when absent)."""
+    for name, value in pattern.items():
+        if key == name or key.endswith("." + name):
+            return int(value)
+    return 0
