@@ -17,9 +17,9 @@ The package is layered; each layer imports only from the ones above it in this l
 ``testing_utils.py`` builds tiny random models and tokenizers for tests and examples (no downloads).
 """
 
+from .api import ForgetPeftModel, add_forget_adapter, install_model_methods
 from .core import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, LowRankEdit
 from .tuners import ProjectionEditConfig, ProjectionEditModel
-from .api import ForgetPeftModel, add_forget_adapter, install_model_methods
 
 
 __version__ = "0.1.0"

@@ -16,7 +16,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from peft import PeftModel
@@ -53,7 +52,7 @@ class _AdapterPlan:
 
     adapter_name: str
     config: ProjectionEditConfig
-    factors: dict[str, tuple[Tensor, Optional[Tensor]]]
+    factors: dict[str, tuple[Tensor, Tensor | None]]
 
 
 class ForgetPeftModel(PeftModel):
@@ -70,7 +69,7 @@ class ForgetPeftModel(PeftModel):
     * :attr:`forgotten_classes` says what each adapter forgets.
     """
 
-    def add_forget_adapter(self, classes: Optional[Sequence[str]] = None, tokenizer=None, **options) -> ForgetPeftModel:
+    def add_forget_adapter(self, classes: Sequence[str] | None = None, tokenizer=None, **options) -> ForgetPeftModel:
         """Add another forget adapter on top of the active ones. Same arguments as :func:`add_forget_adapter`,
         whose ``adapter_name`` must be new (the default is ``"forget_<n>"``)."""
         return add_forget_adapter(self, classes, tokenizer, **options)
@@ -80,7 +79,7 @@ class ForgetPeftModel(PeftModel):
         """Adapter name → the classes it forgets."""
         return {name: list(config.forgotten_classes) for name, config in self.peft_config.items()}
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = True) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = True) -> None:
         """Activate one adapter or, given a list, several together (their union is applied)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
@@ -92,13 +91,18 @@ class ForgetPeftModel(PeftModel):
             self.base_model.set_adapter(names, inference_mode=inference_mode)
 
     @classmethod
-    def from_pretrained(cls, model, model_id: Union[str, os.PathLike], adapter_name: str = "default", **kwargs):
+    def from_pretrained(cls, model, model_id: str | os.PathLike, adapter_name: str = "default", **kwargs):
         """Load a saved forget adapter — or every adapter of a saved stack — onto ``model``.
 
         Without ``subfolder``, the adapter at the root of ``model_id`` (named ``adapter_name``) and one adapter per
         subfolder holding an ``adapter_config.json`` (named after the subfolder, as ``save_pretrained`` writes
         them) are loaded and all activated. ``model_id`` is a local directory or a Hub repo id.
         """
+        with _quiet_peft_wrapping():
+            return cls._load_stack(model, model_id, adapter_name, **kwargs)
+
+    @classmethod
+    def _load_stack(cls, model, model_id, adapter_name: str, **kwargs):
         if "subfolder" in kwargs:
             return super().from_pretrained(model, model_id, adapter_name=adapter_name, **kwargs)
         hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
@@ -118,18 +122,18 @@ class ForgetPeftModel(PeftModel):
 
 def add_forget_adapter(
     model: nn.Module,
-    classes: Optional[Sequence[str]] = None,
+    classes: Sequence[str] | None = None,
     tokenizer=None,
     *,
-    retain_classes: Optional[Sequence[str]] = None,
+    retain_classes: Sequence[str] | None = None,
     alpha: float = 1.0,
     method: str = "nullspace",
-    templates: Union[str, Sequence[str], None] = None,
+    templates: str | Sequence[str] | None = None,
     average_templates: bool = True,
     target: str = "visual",
-    adapter_name: Optional[str] = None,
-    text_embeds: Optional[Tensor] = None,
-    retain_text_embeds: Optional[Tensor] = None,
+    adapter_name: str | None = None,
+    text_embeds: Tensor | None = None,
+    retain_text_embeds: Tensor | None = None,
     ccup_lambda: float = 1000.0,
     ccup_mu: float = 100.0,
     rank_tolerance: float = DEFAULT_RANK_TOLERANCE,
@@ -267,8 +271,8 @@ def _plan_adapter(
     dim = dim or next(iter(shapes.values()))[0]
 
     templates = resolve_templates(templates)
-    needs_text_tower = text_embeds is None or target != "visual" or (
-        retain_classes is not None and retain_text_embeds is None
+    needs_text_tower = (
+        text_embeds is None or target != "visual" or (retain_classes is not None and retain_text_embeds is None)
     )
     if needs_text_tower:
         tokenizer = _resolve_tokenizer(base, tokenizer)
@@ -308,7 +312,9 @@ def _plan_adapter(
         anchor = None
         if target != "visual":
             # the bare templates ("a photo of a ."): where forgotten prompts are sent on the text side
-            anchor = normalize_rows(encode_prompts(base, tokenizer, [t.format("") for t in templates], batch_size, False))
+            anchor = normalize_rows(
+                encode_prompts(base, tokenizer, [t.format("") for t in templates], batch_size, False)
+            )
             anchor = normalize_rows(anchor.mean(dim=0, keepdim=True)) if average_templates else anchor
 
     factors: dict[str, EditFactors] = {}
@@ -337,7 +343,7 @@ def _plan_adapter(
     return _AdapterPlan(adapter_name, config, {name: (f.forget, f.retain) for name, f in factors.items()})
 
 
-def _check_adapter_name(adapter_name: Optional[str], wrapped: Optional[ForgetPeftModel]) -> str:
+def _check_adapter_name(adapter_name: str | None, wrapped: ForgetPeftModel | None) -> str:
     existing = set(wrapped.peft_config) if wrapped is not None else set()
     if adapter_name is None:
         if not existing:
@@ -414,7 +420,7 @@ def _quiet_peft_wrapping():
         yield
 
 
-def _saved_adapters(model_id: str, root_name: str, **hub_kwargs) -> list[tuple[str, Optional[str]]]:
+def _saved_adapters(model_id: str, root_name: str, **hub_kwargs) -> list[tuple[str, str | None]]:
     """``(adapter name, subfolder)`` of every forget adapter saved under ``model_id`` (root first)."""
     if os.path.isdir(model_id):
         config_paths = [

@@ -56,14 +56,16 @@ def tiny_tokenizer(extra_words: Iterable[str] = ()):
     )
 
 
-def tiny_clip(seed: int = 0, projection_dim: int = 16, dtype: torch.dtype = torch.float32):
+def tiny_clip(
+    seed: int = 0, projection_dim: int = 16, dtype: torch.dtype = torch.float32, vocab_size: int = TINY_VOCAB_SIZE
+):
     """A randomly initialised 2+2-layer ``CLIPModel`` (hidden 32, 32×32 images) in eval mode."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
         ),
         vision_config=dict(

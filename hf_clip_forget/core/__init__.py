@@ -3,6 +3,7 @@
 Works on tensors (and on a model only through ``get_text_features``); imports nothing from peft.
 """
 
+from .factors import EditFactors, build_edit_factors
 from .subspace import (
     DEFAULT_RANK_TOLERANCE,
     EDIT_METHODS,
@@ -24,7 +25,6 @@ from .text_embeddings import (
     encode_prompts,
     validate_class_names,
 )
-from .factors import EditFactors, build_edit_factors
 
 
 __all__ = [

@@ -278,9 +278,7 @@ def _absolute_basis(columns: Tensor, tol: float) -> Tensor:
 def check_alpha(alpha: float) -> None:
     """Raise a ``ValueError`` unless ``alpha`` is a number in [0, 1]."""
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(
-            f"`alpha` must be a number in [0, 1] (1 = forget completely, 0 = no edit), got {alpha!r}."
-        )
+        raise ValueError(f"`alpha` must be a number in [0, 1] (1 = forget completely, 0 = no edit), got {alpha!r}.")
 
 
 def check_nonnegative(value: float, name: str) -> None:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -57,17 +56,18 @@ class ProjectionEditConfig(PeftConfig):
             `"class_names"` (embedded with the model's text tower) or `"text_embeds"` (vectors given by the user).
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Projection layers to wrap; default `visual_projection` for CLIP and dual encoders."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to wrap."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to wrap."})
     method: str = field(default="nullspace", metadata={"help": "Edit method: 'nullspace' or 'ccup'."})
     alpha: float = field(default=1.0, metadata={"help": "Nullspace strength in [0, 1]; 1 removes the subspace."})
     ccup_lambda: float = field(default=1000.0, metadata={"help": "CCUP forget weight λ >= 0."})
     ccup_mu: float = field(default=100.0, metadata={"help": "CCUP retain weight μ >= 0."})
     rank_pattern: dict = field(
-        default_factory=dict, metadata={"help": "Forget-factor columns per target module, e.g. {'visual_projection': 2}."}
+        default_factory=dict,
+        metadata={"help": "Forget-factor columns per target module, e.g. {'visual_projection': 2}."},
     )
     retain_rank_pattern: dict = field(
         default_factory=dict, metadata={"help": "Retain-factor columns per target module (CCUP only)."}
@@ -88,8 +88,8 @@ class ProjectionEditConfig(PeftConfig):
         default="class_names", metadata={"help": "'class_names' or 'text_embeds' (precomputed vectors)."}
     )
     # peft's generic code reads these two through getattr; declared so that they are explicit and validated
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Not supported (nothing trains)."})
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Not supported (nothing trains)."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Not supported."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,4 +120,3 @@ class ProjectionEditConfig(PeftConfig):
         output = super().to_dict()
         output["peft_type"] = SAVED_PEFT_TYPE  # see registration.SAVED_PEFT_TYPE
         return output
-

@@ -3,7 +3,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -39,7 +39,11 @@ class ProjectionEditLayer(BaseTunerLayer):
 
     # Nothing is trainable: peft toggles requires_grad only on `adapter_layer_names`.
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = ("projection_edit_forget", "projection_edit_retain", "projection_edit_settings")
+    other_param_names: tuple[str, ...] = (
+        "projection_edit_forget",
+        "projection_edit_retain",
+        "projection_edit_settings",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -62,7 +66,12 @@ class ProjectionEditLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     def update_layer(
-        self, adapter_name: str, settings: EditSettings, forget_rank: int, retain_rank: int, inference_mode: bool = True
+        self,
+        adapter_name: str,
+        settings: EditSettings,
+        forget_rank: int,
+        retain_rank: int,
+        inference_mode: bool = True,
     ) -> None:
         device = self.get_base_layer().weight.device
         # zeros until set_factors() or a checkpoint fills them; float32 whatever the model dtype
@@ -73,7 +82,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         self._edit_cache.clear()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def set_factors(self, adapter_name: str, forget: torch.Tensor, retain: Optional[torch.Tensor] = None) -> None:
+    def set_factors(self, adapter_name: str, forget: torch.Tensor, retain: torch.Tensor | None = None) -> None:
         """Store the ``(d, k)`` forget factor (and the CCUP retain factor) of ``adapter_name`` as float32."""
         if adapter_name not in self.projection_edit_settings:
             raise KeyError(f"Adapter {adapter_name!r} does not exist on this layer.")
@@ -91,7 +100,7 @@ class ProjectionEditLayer(BaseTunerLayer):
     def _get_available_adapters(self) -> set[str]:
         return set(self.projection_edit_settings)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # peft's default would also cast the factors to the base layer's dtype (bf16 factors are not orthonormal)
         device = device if device is not None else self.get_base_layer().weight.device
         for store in (self.projection_edit_forget, self.projection_edit_retain):
@@ -167,7 +176,7 @@ class ProjectionEditLayer(BaseTunerLayer):
             )
         return merged
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge the union of the already merged adapters and ``adapter_names`` (default: the active ones).
 
         The merged weight is always computed and checked for NaN/inf before anything is written (``safe_merge``
@@ -188,7 +197,7 @@ class ProjectionEditLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Put back the weight from before the first merge, bit for bit, and mark every adapter unmerged."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.set_base_weight(self.projection_edit_pristine_weight)
         self.projection_edit_pristine_weight = None

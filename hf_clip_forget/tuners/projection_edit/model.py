@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -103,7 +102,7 @@ class ProjectionEditModel(BaseTuner):
         """Module name → forget layer, for every wrapped projection."""
         return {name: module for name, module in self.model.named_modules() if isinstance(module, ProjectionEditLayer)}
 
-    def set_factors(self, adapter_name: str, factors: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+    def set_factors(self, adapter_name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         """Store an adapter's factors: ``{module-name suffix: (forget, retain or None)}``."""
         layers = self.forget_layers()
         for suffix, (forget, retain) in factors.items():
@@ -122,7 +121,7 @@ class ProjectionEditModel(BaseTuner):
             yield
 
     # ------------------------------------------------------------------------------------------------------- merge
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge the union of the given (default: active) adapters into the projection weights, atomically."""
         self._check_merge_allowed()
         if isinstance(adapter_names, str):
@@ -143,7 +142,9 @@ class ProjectionEditModel(BaseTuner):
         """Restore the projection weights from before the first merge, bit for bit."""
         layers = [layer for layer in self.forget_layers().values() if layer.merged]
         if not layers:
-            raise ValueError("No forget adapter is merged, so there is nothing to unmerge. Call `merge_adapter()` first.")
+            raise ValueError(
+                "No forget adapter is merged, so there is nothing to unmerge. Call `merge_adapter()` first."
+            )
         for layer in layers:
             layer.unmerge()
 

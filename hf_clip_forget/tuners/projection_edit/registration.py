@@ -29,9 +29,10 @@ SAVED_PEFT_TYPE = "PROJECTION_EDIT (registered by hf_clip_forget: run `import hf
 
 def register_projection_edit(config_cls: type, model_cls: type) -> None:
     """Make peft resolve ``PROJECTION_EDIT`` (and :data:`SAVED_PEFT_TYPE`) to our config and tuner classes."""
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE) is model_cls and PEFT_TYPE_TO_CONFIG_MAPPING.get(
-        SAVED_PEFT_TYPE
-    ) is config_cls:
+    if (
+        PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE) is model_cls
+        and PEFT_TYPE_TO_CONFIG_MAPPING.get(SAVED_PEFT_TYPE) is config_cls
+    ):
         return
     if PEFT_TYPE in PEFT_TYPE_TO_TUNER_MAPPING and PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] is not model_cls:
         raise KeyError(f"Another package already registered a peft method named {PEFT_TYPE.value!r}.")

@@ -1,0 +1,77 @@
+import os
+
+import pytest
+import torch
+
+import hf_clip_forget  # noqa: F401  (registers the peft method and the model methods)
+from hf_clip_forget.core import IMAGENET_TEMPLATES, class_text_embeddings
+from hf_clip_forget.testing_utils import random_pixels, tiny_clip, tiny_dual_encoder, tiny_tokenizer
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL_FACTORIES = {"clip": tiny_clip, "dual_encoder": tiny_dual_encoder}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def make_model(request):
+    """A factory of fresh tiny models, once per model class (CLIPModel, VisionTextDualEncoderModel)."""
+    return MODEL_FACTORIES[request.param]
+
+
+@pytest.fixture
+def pixels():
+    return random_pixels(batch_size=6)
+
+
+def features(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def image_features(model, pixel_values) -> torch.Tensor:
+    with torch.no_grad():
+        return features(model.get_image_features(pixel_values=pixel_values))
+
+
+def text_features(model, tokenizer, texts) -> torch.Tensor:
+    inputs = tokenizer(list(texts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return features(
+            model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        )
+
+
+def class_embeddings(model, tokenizer, classes, templates=IMAGENET_TEMPLATES) -> torch.Tensor:
+    """Normalised, template-averaged class embeddings (float32) of an *unedited* model."""
+    return class_text_embeddings(model, tokenizer, classes, templates, show_progress=False).embeddings.float()
+
+
+def max_abs_cos(feats: torch.Tensor, directions: torch.Tensor) -> float:
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+    directions = torch.nn.functional.normalize(directions.float(), dim=-1)
+    return (feats @ directions.T).abs().max().item()
+
+
+def projection_weights(model) -> dict[str, torch.Tensor]:
+    """Clones of every projection weight, wherever the layers are wrapped."""
+    return {
+        name: param.detach().clone()
+        for name, param in model.named_parameters()
+        if name.endswith("projection.weight") or name.endswith("projection.base_layer.weight")
+    }
+
+
+def state_snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def assert_same_state(model, snapshot) -> None:
+    state = model.state_dict()
+    assert set(state) == set(snapshot), "the model's modules changed"
+    for name, value in snapshot.items():
+        assert torch.equal(state[name], value), f"{name} changed"
