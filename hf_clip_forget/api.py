@@ -148,7 +148,8 @@ def add_forget_adapter(
 
     Args:
         model: a ``CLIPModel``, a ``VisionTextDualEncoderModel`` (or a model with the same ``visual_projection`` /
-            ``text_projection`` layers and ``get_text_features``), or a :class:`ForgetPeftModel` to stack onto.
+            ``text_projection`` layers and ``get_text_features``), or a :class:`ForgetPeftModel` (or a ``PeftModel``
+            of forget adapters loaded with peft) to stack onto.
         classes: class names to forget, e.g. ``["cat", "dog"]``. Optional with ``text_embeds`` (then they label it).
         tokenizer: the model's tokenizer. If omitted, it is loaded from the model's ``name_or_path``.
         retain_classes: classes to keep (``method="ccup"``; with ``target="text"``/``"both"`` they are also kept
@@ -173,7 +174,8 @@ def add_forget_adapter(
 
     Returns:
         A :class:`ForgetPeftModel` (a ``peft.PeftModel``) wrapping ``model``; ``model`` itself is wrapped in place,
-        as with ``peft.get_peft_model``.
+        as with ``peft.get_peft_model``. When ``model`` already holds forget adapters, the new one is added to it
+        and ``model`` itself is returned.
     """
     plan = _plan_adapter(
         model,
@@ -195,7 +197,7 @@ def add_forget_adapter(
         show_progress=show_progress,
     )
     name = plan.adapter_name
-    if isinstance(model, ForgetPeftModel):
+    if _holds_forget_adapters(model):
         _stack_adapter(model, name, plan)
         return model
     with _quiet_peft_wrapping():
@@ -204,7 +206,7 @@ def add_forget_adapter(
     return peft_model
 
 
-def _stack_adapter(model: ForgetPeftModel, name: str, plan: _AdapterPlan) -> None:
+def _stack_adapter(model: PeftModel, name: str, plan: _AdapterPlan) -> None:
     active = [n for n in model.active_adapters if n in model.peft_config]
     merged = sorted({n for layer in model.base_model.forget_layers().values() for n in layer.merged_adapters})
     if merged:
@@ -257,12 +259,12 @@ def _plan_adapter(
             "classes, or drop `retain_classes`."
         )
 
-    if isinstance(model, PeftModel) and not isinstance(model, ForgetPeftModel):
+    if isinstance(model, PeftModel) and not _holds_forget_adapters(model):
         raise TypeError(
             f"{type(model).__name__} is a PeftModel of another kind; forget adapters cannot share a PeftModel with "
             "other peft methods. Pass the base model, or a model loaded with ForgetPeftModel.from_pretrained."
         )
-    wrapped = isinstance(model, ForgetPeftModel)
+    wrapped = isinstance(model, PeftModel)
     base = model.get_base_model() if wrapped else model
     adapter_name = _check_adapter_name(adapter_name, model if wrapped else None)
     modules = TARGETS[target]
@@ -343,7 +345,14 @@ def _plan_adapter(
     return _AdapterPlan(adapter_name, config, {name: (f.forget, f.retain) for name, f in factors.items()})
 
 
-def _check_adapter_name(adapter_name: str | None, wrapped: ForgetPeftModel | None) -> str:
+def _holds_forget_adapters(model) -> bool:
+    """A PeftModel whose adapters are all forget adapters (a ForgetPeftModel, or a PeftModel loaded by peft)."""
+    return isinstance(model, PeftModel) and all(
+        isinstance(config, ProjectionEditConfig) for config in model.peft_config.values()
+    )
+
+
+def _check_adapter_name(adapter_name: str | None, wrapped: PeftModel | None) -> str:
     existing = set(wrapped.peft_config) if wrapped is not None else set()
     if adapter_name is None:
         if not existing:

@@ -257,3 +257,31 @@ def test_the_module_function_and_the_model_method_are_the_same(tokenizer, pixels
     a = add_forget_adapter(tiny_clip(), ["cat"], tokenizer, show_progress=False)
     b = tiny_clip().add_forget_adapter(["cat"], tokenizer=tokenizer, show_progress=False)
     assert torch.equal(image_features(a, pixels), image_features(b, pixels))
+
+
+def test_stacking_onto_a_peft_loaded_model_and_onto_a_merged_model(tokenizer, pixels, tmp_path):
+    from hf_clip_forget.testing_utils import tiny_clip
+
+    forget(tiny_clip(), tokenizer, ["cat"]).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path)  # a plain PeftModel of forget adapters
+    loaded.merge_adapter()
+    merged_weights = projection_weights(loaded)
+    stacked = add_forget_adapter(loaded, ["dog"], tokenizer, adapter_name="dogs", show_progress=False)
+    assert stacked is loaded and loaded.active_adapters == ["default", "dogs"]
+    # the merged adapter stays merged (same bits), the new one is applied on top
+    assert all(torch.equal(w, merged_weights[n]) for n, w in projection_weights(loaded).items())
+    directions = class_embeddings(tiny_clip(), tokenizer, ["cat", "dog"])
+    assert max_abs_cos(image_features(loaded, pixels), directions) <= 1e-5
+
+
+def test_casting_the_model_keeps_the_factors_in_float32(tokenizer, pixels):
+    from hf_clip_forget.testing_utils import tiny_clip
+
+    base = tiny_clip()
+    directions = class_embeddings(base, tokenizer, FORGET)
+    model = forget(base, tokenizer).to(torch.bfloat16)
+    factors = [b for n, b in model.named_buffers() if "projection_edit_forget" in n]
+    assert factors and all(f.dtype == torch.float32 for f in factors)
+    torch.testing.assert_close(factors[0].T @ factors[0], torch.eye(2), atol=1e-6, rtol=0)
+    # the edit itself stays exact; what is left is the bf16 rounding of the output (~1e-2 relative)
+    assert max_abs_cos(image_features(model, pixels.to(torch.bfloat16)), directions) <= 2e-2

@@ -108,20 +108,6 @@ class ProjectionEditLayer(BaseTunerLayer):
                 store[adapter_name] = store[adapter_name].to(device)
         self._edit_cache.clear()
 
-    def _apply(self, fn, recurse: bool = True):
-        # model.to(torch.bfloat16) would round the factors too; keep them float32 on the new device
-        factors = {
-            (store_name, key): value
-            for store_name in ("projection_edit_forget", "projection_edit_retain")
-            for key, value in getattr(self, store_name).items()
-        }
-        result = super()._apply(fn, recurse)
-        device = self.get_base_layer().weight.device
-        for (store_name, key), value in factors.items():
-            getattr(self, store_name)[key] = value.to(device=device, dtype=torch.float32)
-        self._edit_cache.clear()
-        return result
-
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._edit_cache.clear()
@@ -230,6 +216,21 @@ class Linear(nn.Module, ProjectionEditLayer):
         ProjectionEditLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=inference_mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) would round the factors too; keep them float32 on the new device.
+        # (Defined here, not on the mixin: nn.Module precedes ProjectionEditLayer in this class's MRO.)
+        factors = {
+            (store_name, key): value
+            for store_name in ("projection_edit_forget", "projection_edit_retain")
+            for key, value in getattr(self, store_name).items()
+        }
+        result = super()._apply(fn, recurse)
+        device = self.get_base_layer().weight.device
+        for (store_name, key), value in factors.items():
+            getattr(self, store_name)[key] = value.to(device=device, dtype=torch.float32)
+        self._edit_cache.clear()
+        return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._bypass_edits:
