@@ -50,6 +50,23 @@ def normalize_rows(vectors: Tensor) -> Tensor:
     return rows / norms
 
 
+def _principal_directions(vectors: Tensor, rtol: float, max_rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """Singular values ``σ`` and right singular vectors ``W`` (d, k) of the rows of ``vectors``, keeping the
+    directions with ``σ_i > rtol · σ₁`` (at most ``max_rank``, largest first)."""
+    rows = _as_rows(vectors)
+    if rtol < 0:
+        raise ValueError(f"`rtol` must be >= 0, got {rtol}.")
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0), rows.new_zeros(rows.shape[1], 0)
+    _, singular_values, vh = torch.linalg.svd(rows, full_matrices=False)
+    if singular_values.numel() == 0 or singular_values[0] == 0:
+        return rows.new_zeros(0), rows.new_zeros(rows.shape[1], 0)
+    keep = int((singular_values > rtol * singular_values[0]).sum())
+    if max_rank is not None:
+        keep = min(keep, int(max_rank))
+    return singular_values[:keep], vh[:keep].T
+
+
 def orthonormal_basis(vectors: Tensor, rtol: float = DEFAULT_RANK_TOLERANCE, max_rank: int | None = None) -> Tensor:
     """Orthonormal basis ``Q`` (d, k) of the span of the rows of ``vectors`` (n, d), by SVD.
 
@@ -58,20 +75,10 @@ def orthonormal_basis(vectors: Tensor, rtol: float = DEFAULT_RANK_TOLERANCE, max
     ``‖t − QQᵀt‖ ≤ σ_{k+1}``, i.e. the dropped directions carry at most ``rtol`` of the largest singular value.
     Returns a contiguous float64 tensor; ``k`` may be 0 when every vector is zero.
     """
-    rows = _as_rows(vectors)
-    if rtol < 0:
-        raise ValueError(f"`rtol` must be >= 0, got {rtol}.")
-    if rows.shape[0] == 0:
-        return rows.new_zeros(rows.shape[1], 0)
-    _, singular_values, vh = torch.linalg.svd(rows, full_matrices=False)
-    if singular_values.numel() == 0 or singular_values[0] == 0:
-        return rows.new_zeros(rows.shape[1], 0)
-    keep = int((singular_values > rtol * singular_values[0]).sum())
-    if max_rank is not None:
-        keep = min(keep, int(max_rank))
+    _, directions = _principal_directions(vectors, rtol, max_rank)
     # contiguous: SVD/QR results are column-major views, and a basis reloaded from disk is row-major;
     # matmuls over different layouts round differently in the last ulp.
-    return vh[:keep].T.contiguous()
+    return directions.contiguous()
 
 
 def gram_factor(vectors: Tensor, rtol: float = DEFAULT_RANK_TOLERANCE) -> Tensor:
@@ -79,14 +86,8 @@ def gram_factor(vectors: Tensor, rtol: float = DEFAULT_RANK_TOLERANCE) -> Tensor
     singular value is below ``rtol · σ₁``). CCUP depends on its forget and retain sets only through these Gram
     matrices, so ``F`` is all an adapter must store: ``k ≤ min(n, d)`` columns instead of ``n``.
     """
-    rows = _as_rows(vectors)
-    if rows.shape[0] == 0:
-        return rows.new_zeros(rows.shape[1], 0)
-    _, singular_values, vh = torch.linalg.svd(rows, full_matrices=False)
-    if singular_values.numel() == 0 or singular_values[0] == 0:
-        return rows.new_zeros(rows.shape[1], 0)
-    keep = int((singular_values > rtol * singular_values[0]).sum())
-    return (vh[:keep].T * singular_values[:keep]).contiguous()
+    singular_values, directions = _principal_directions(vectors, rtol)
+    return (directions * singular_values).contiguous()
 
 
 def remove_span(vectors: Tensor, basis: Tensor) -> Tensor:
