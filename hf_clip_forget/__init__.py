@@ -13,26 +13,30 @@ The package is layered; each layer imports only from the ones above it in this l
 1. ``core/``     — math on tensors: templates, text embeddings, bases, projectors, CCUP, union (no peft);
 2. ``tuners/``   — peft glue: ``ProjectionEditConfig``, the layer, the tuner, their registration;
 3. ``api.py``    — the user API: ``add_forget_adapter``, ``ForgetPeftModel``;
+4. ``hub/``      — model cards and ``push_to_hub`` (plugs into ``ForgetPeftModel``);
 
 ``testing_utils.py`` builds tiny random models and tokenizers for tests and examples (no downloads).
 """
 
+from ._version import __version__
 from .api import ForgetPeftModel, add_forget_adapter, install_model_methods
 from .core import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, LowRankEdit
+from .hub import ForgetEvaluation, HubUploadError, push_to_hub
 from .tuners import ProjectionEditConfig, ProjectionEditModel
 
-
-__version__ = "0.1.0"
 
 install_model_methods()
 
 __all__ = [
     "IMAGENET_TEMPLATES",
     "SINGLE_TEMPLATE",
+    "ForgetEvaluation",
     "ForgetPeftModel",
+    "HubUploadError",
     "LowRankEdit",
     "ProjectionEditConfig",
     "ProjectionEditModel",
     "__version__",
     "add_forget_adapter",
+    "push_to_hub",
 ]

@@ -11,16 +11,21 @@ method (the same function), so that::
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftModel
 from torch import Tensor, nn
 
+from ._version import __version__
 from .core import (
     DEFAULT_RANK_TOLERANCE,
     EDIT_METHODS,
@@ -33,6 +38,7 @@ from .core import (
     resolve_templates,
     validate_class_names,
 )
+from .core.fingerprint import fingerprint_weight
 from .core.subspace import check_alpha, check_nonnegative
 from .tuners.projection_edit import PEFT_TYPE, SAVED_PEFT_TYPE, ProjectionEditConfig, ProjectionEditLayer
 
@@ -69,6 +75,13 @@ class ForgetPeftModel(PeftModel):
     * :attr:`forgotten_classes` says what each adapter forgets.
     """
 
+    #: Writes ``README.md`` into a save directory: ``writer(model, directory, merged=False)``. The Hub layer
+    #: (:mod:`hf_clip_forget.hub`, which imports this module) plugs its model card in here; without it peft's
+    #: generic card is written.
+    model_card_writer: ClassVar[Callable[..., None] | None] = None
+    #: Uploads a model to the Hub: ``uploader(model, repo_id, **options)``; plugged in by :mod:`hf_clip_forget.hub`.
+    hub_uploader: ClassVar[Callable[..., Any] | None] = None
+
     def add_forget_adapter(self, classes: Sequence[str] | None = None, tokenizer=None, **options) -> ForgetPeftModel:
         """Add another forget adapter on top of the active ones. Same arguments as :func:`add_forget_adapter`,
         whose ``adapter_name`` must be new (the default is ``"forget_<n>"``)."""
@@ -89,6 +102,66 @@ class ForgetPeftModel(PeftModel):
             super().set_adapter(adapter_name, inference_mode=inference_mode)
         else:
             self.base_model.set_adapter(names, inference_mode=inference_mode)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        writer = type(self).model_card_writer
+        if writer is None:
+            return super().create_or_update_model_card(output_dir)
+        writer(self, output_dir)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """``PeftModel.save_pretrained``, made atomic: everything is written to a new directory beside
+        ``save_directory`` that replaces it only once complete, so a failure midway leaves an existing directory
+        exactly as it was. Files of an existing directory that are not part of a saved adapter are kept."""
+        write_directory_atomically(
+            save_directory, lambda staging: super(ForgetPeftModel, self).save_pretrained(staging, **kwargs)
+        )
+
+    def save_merged_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save the full model with the active adapters merged into its weights, as a plain transformers checkpoint
+        (``CLIPModel.from_pretrained(save_directory)`` loads it). This model itself is not modified. Atomic, as
+        :meth:`save_pretrained`; the card still lists what was forgotten and where the original is."""
+
+        def write(staging: str) -> None:
+            with self._merged_plain_layers():
+                self.get_base_model().save_pretrained(staging, **kwargs)
+            writer = type(self).model_card_writer
+            if writer is not None:
+                writer(self, staging, merged=True)
+
+        write_directory_atomically(save_directory, write)
+
+    def push_to_hub(self, repo_id: str, **options):
+        """Upload the adapters (default) or, with ``merged=True``, the merged full model, with a model card
+        listing what was forgotten, in one commit. See :func:`hf_clip_forget.hub.push_to_hub` for the options."""
+        uploader = type(self).hub_uploader
+        if uploader is None:
+            raise RuntimeError("Hub support is not loaded: `import hf_clip_forget` (it loads hf_clip_forget.hub).")
+        return uploader(self, repo_id, **options)
+
+    @contextlib.contextmanager
+    def _merged_plain_layers(self):
+        """Temporarily replace every forget layer by a plain ``nn.Linear`` holding its merged weight."""
+        swapped = []
+        try:
+            for name, layer in self.base_model.forget_layers().items():
+                active = [n for n in self.active_adapters if n in layer.projection_edit_settings]
+                merged = layer.unedited_weight().clone()
+                if active:
+                    edit = layer.combined_edit(active)
+                    merged = edit.apply_to_weight(merged.to(torch.float32)).to(merged.dtype)
+                plain = nn.Linear(
+                    layer.in_features, layer.out_features, bias=False, device=merged.device, dtype=merged.dtype
+                )
+                plain.weight.data = merged
+                parent_name, _, child = name.rpartition(".")
+                parent = self.base_model.model.get_submodule(parent_name)
+                setattr(parent, child, plain)
+                swapped.append((parent, child, layer))
+            yield
+        finally:
+            for parent, child, layer in swapped:
+                setattr(parent, child, layer)
 
     @classmethod
     def from_pretrained(cls, model, model_id: str | os.PathLike, adapter_name: str = "default", **kwargs):
@@ -341,8 +414,39 @@ def _plan_adapter(
         rank_tolerance=float(rank_tolerance),
         embedding_source="text_embeds" if text_embeds is not None else "class_names",
         base_model_name_or_path=(getattr(base, "name_or_path", None) or None),
+        base_fingerprints=_base_fingerprints(model, base),
+        base_model_revision=getattr(base.config, "_commit_hash", None),
+        provenance=_provenance(),
     )
     return _AdapterPlan(adapter_name, config, {name: (f.forget, f.retain) for name, f in factors.items()})
+
+
+def _base_fingerprints(model, base) -> dict[str, dict]:
+    """Fingerprints of both projection weights as they are without any forget edit."""
+    fingerprints = {}
+    for name in ("visual_projection", "text_projection"):
+        if not isinstance(getattr(base, name, None), nn.Module):
+            continue
+        weight = model.base_model.unedited_weight(name) if isinstance(model, PeftModel) else getattr(base, name).weight
+        fingerprints[name] = fingerprint_weight(weight).to_dict()
+    return fingerprints
+
+
+def _provenance() -> dict:
+    import huggingface_hub
+    import peft
+    import transformers
+
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "versions": {
+            "hf_clip_forget": __version__,
+            "peft": peft.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "huggingface_hub": huggingface_hub.__version__,
+        },
+    }
 
 
 def _holds_forget_adapters(model) -> bool:
@@ -464,6 +568,62 @@ def _saved_adapters(model_id: str, root_name: str, **hub_kwargs) -> list[tuple[s
             continue
         entries.append((root_name, None) if not subfolder else (subfolder, subfolder))
     return entries
+
+
+#: Entries a saved adapter directory consists of; anything else found in an existing directory is kept.
+_ADAPTER_FILES = ("README.md", ADAPTER_CONFIG_NAME, "adapter_model.safetensors", "adapter_model.bin")
+
+
+def write_directory_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run ``write(staging)`` on a fresh directory beside ``target``, then make it ``target``.
+
+    Until ``write`` has finished, ``target`` is untouched; if it fails, the staging directory is removed and the
+    error propagates. An existing ``target`` is replaced as a whole (so no file of an earlier save survives next to
+    the new ones), except for entries that are not part of a saved model or adapter, which are carried over.
+    """
+    target = os.path.abspath(os.fspath(target))
+    if os.path.isfile(target):
+        raise ValueError(f"Cannot save into {target!r}: it is a file, not a directory.")
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+    try:
+        write(staging)
+        if os.path.isdir(target):
+            for entry in os.listdir(target):
+                source = os.path.join(target, entry)
+                if _is_saved_artifact(source) or os.path.exists(os.path.join(staging, entry)):
+                    continue
+                copy = shutil.copytree if os.path.isdir(source) and not os.path.islink(source) else shutil.copy2
+                copy(source, os.path.join(staging, entry))
+            retired = staging.replace(".saving-", ".replaced-")
+            os.rename(target, retired)
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                os.rename(retired, target)
+                raise
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _is_saved_artifact(path: str) -> bool:
+    name = os.path.basename(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME))
+    return (
+        name in _ADAPTER_FILES
+        or name.endswith((".safetensors", ".safetensors.index.json"))
+        or name
+        in (
+            "config.json",
+            "generation_config.json",
+        )
+    )
 
 
 def _model_method(self, classes=None, tokenizer=None, **options):

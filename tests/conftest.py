@@ -1,16 +1,38 @@
 import os
+import tempfile
 
 import pytest
-import torch
 
-import hf_clip_forget  # noqa: F401  (registers the peft method and the model methods)
-from hf_clip_forget.core import IMAGENET_TEMPLATES, class_text_embeddings
-from hf_clip_forget.testing_utils import random_pixels, tiny_clip, tiny_dual_encoder, tiny_tokenizer
+from .fake_hub import FakeHub
 
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A loopback Hub for the whole session. huggingface_hub reads HF_ENDPOINT when it is imported, so the server starts
+# and the environment is set before anything below imports it.
+FAKE_HUB = FakeHub(token="hf_test_token").__enter__()
+os.environ.update(
+    HF_ENDPOINT=FAKE_HUB.endpoint,
+    HF_TOKEN=FAKE_HUB.token,
+    HF_HOME=tempfile.mkdtemp(prefix="hf_home_"),
+    HF_HUB_DISABLE_TELEMETRY="1",
+)
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("TRANSFORMERS_OFFLINE", None)
+
+import torch  # noqa: E402
+
+import hf_clip_forget  # noqa: E402, F401  (registers the peft method and the model methods)
+from hf_clip_forget.core import IMAGENET_TEMPLATES, class_text_embeddings  # noqa: E402
+from hf_clip_forget.testing_utils import random_pixels, tiny_clip, tiny_dual_encoder, tiny_tokenizer  # noqa: E402
+
 
 MODEL_FACTORIES = {"clip": tiny_clip, "dual_encoder": tiny_dual_encoder}
+
+
+@pytest.fixture
+def fake_hub():
+    """The session's loopback Hub, with upload failures reset."""
+    FAKE_HUB.reject_next_commit = False
+    return FAKE_HUB
 
 
 @pytest.fixture(scope="session")

@@ -54,6 +54,16 @@ class ProjectionEditConfig(PeftConfig):
             Relative singular-value threshold below which directions were dropped from the bases.
         embedding_source (`str`, defaults to `"class_names"`):
             `"class_names"` (embedded with the model's text tower) or `"text_embeds"` (vectors given by the user).
+        base_fingerprints (`dict[str, dict]`):
+            Fingerprint of each projection weight of the base model the adapter was built on (see
+            `hf_clip_forget.core.fingerprint`); loading onto a different base is refused.
+        base_model_revision (`str`, *optional*):
+            Hub revision of the base model, when known.
+        provenance (`dict`):
+            Creation date and library versions.
+        verify_base_fingerprint (`bool`, defaults to `True`):
+            Check `base_fingerprints` when the adapter is loaded. Pass `verify_base_fingerprint=False` to
+            `from_pretrained` / `load_adapter` to apply an adapter to another base on purpose. Not saved.
     """
 
     target_modules: list[str] | str | None = field(
@@ -87,6 +97,26 @@ class ProjectionEditConfig(PeftConfig):
     embedding_source: str = field(
         default="class_names", metadata={"help": "'class_names' or 'text_embeds' (precomputed vectors)."}
     )
+    base_fingerprints: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Fingerprint (shape, sha256, sketch) of each base projection weight the adapter was built on."
+        },
+    )
+    base_model_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (commit) of the base model, when it was loaded from the Hub."}
+    )
+    provenance: dict = field(
+        default_factory=dict, metadata={"help": "When and with which library versions the adapter was built."}
+    )
+    verify_base_fingerprint: bool = field(
+        default=True,
+        metadata={
+            "help": "Refuse to load onto a base whose projection weights do not match `base_fingerprints`. Pass "
+            "`verify_base_fingerprint=False` to `from_pretrained`/`load_adapter` to apply an adapter to another "
+            "base deliberately. Never saved."
+        },
+    )
     # peft's generic code reads these two through getattr; declared so that they are explicit and validated
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Not supported (nothing trains)."})
     target_parameters: list[str] | None = field(default=None, metadata={"help": "Not supported."})
@@ -119,4 +149,6 @@ class ProjectionEditConfig(PeftConfig):
     def to_dict(self) -> dict:
         output = super().to_dict()
         output["peft_type"] = SAVED_PEFT_TYPE  # see registration.SAVED_PEFT_TYPE
+        # a per-load decision, not a property of the adapter; peft lets saved fields override load-time kwargs
+        output.pop("verify_base_fingerprint", None)
         return output

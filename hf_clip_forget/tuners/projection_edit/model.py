@@ -6,6 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ...core.fingerprint import WeightFingerprint, fingerprint_weight
 from .config import ProjectionEditConfig
 from .layer import EditSettings, Linear, ProjectionEditLayer
 from .registration import PREFIX
@@ -46,25 +47,45 @@ class ProjectionEditModel(BaseTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     def _check_new_adapter_config(self, config: ProjectionEditConfig) -> None:
-        # runs before anything is injected: refuse adapters built for other layer shapes here, not midway
-        if not config.projection_shapes:
-            return
-        modules = dict(self.model.named_modules())
+        # runs before anything is injected: refuse adapters built for another base here, not midway
         for suffix, shape in config.projection_shapes.items():
-            matches = [module for name, module in modules.items() if name == suffix or name.endswith("." + suffix)]
-            if not matches:
-                raise ValueError(
-                    f"This adapter edits `{suffix}`, which the model does not have. It was built for a dual encoder "
-                    "with that projection layer (CLIPModel, VisionTextDualEncoderModel)."
-                )
-            module = matches[0]
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            base = self._projection(suffix)
             actual = [getattr(base, "out_features", None), getattr(base, "in_features", None)]
             if actual != list(shape):
                 raise ValueError(
                     f"This adapter was saved for a `{suffix}` of shape (out, in) = {tuple(shape)}, but the model's "
                     f"`{suffix}` is {tuple(actual)}. Load it onto the base model it was built for."
                 )
+        if not config.verify_base_fingerprint:
+            return
+        for suffix, recorded in config.base_fingerprints.items():
+            expected = WeightFingerprint.from_dict(recorded)
+            actual = fingerprint_weight(self.unedited_weight(suffix))
+            if not expected.matches(actual):
+                raise ValueError(
+                    f"Base model fingerprint mismatch for `{suffix}`: the adapter was built on a base whose weight "
+                    f"has fingerprint {expected.short}, but this model's is {actual.short}. A forget edit computed "
+                    "for one model removes the wrong directions from another. Load the base model the adapter was "
+                    "built for, or, to apply it to this base deliberately, pass `verify_base_fingerprint=False` to "
+                    "`from_pretrained` / `load_adapter`."
+                )
+
+    def _projection(self, suffix: str) -> nn.Module:
+        """The (unwrapped) layer named ``suffix``; a clear error when the model has none."""
+        for name, module in self.model.named_modules():
+            if name == suffix or name.endswith("." + suffix):
+                return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        raise ValueError(
+            f"This adapter edits `{suffix}`, which the model does not have. It was built for a dual encoder with that "
+            "projection layer (CLIPModel, VisionTextDualEncoderModel)."
+        )
+
+    def unedited_weight(self, suffix: str) -> torch.Tensor:
+        """The weight of projection ``suffix`` as it is without any forget edit (merged or not)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, ProjectionEditLayer) and (name == suffix or name.endswith("." + suffix)):
+                return module.unedited_weight()
+        return self._projection(suffix).weight
 
     def _create_and_replace(
         self, config: ProjectionEditConfig, adapter_name, target, target_name, parent, current_key, **optional_kwargs

@@ -1,0 +1,209 @@
+"""Model cards of forget adapters and of merged unlearned models: metadata first, prose from a template.
+
+The template is ``model_cards/forget_adapter.md`` (shipped inside the package); it is rendered by
+``huggingface_hub.ModelCard.from_template`` with a ``ModelCardData`` holding the metadata.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from ..api import ForgetPeftModel
+from ..core.fingerprint import WeightFingerprint
+from ..core.templates import IMAGENET_TEMPLATES, SINGLE_TEMPLATE
+
+
+TEMPLATE_NAME = "forget_adapter.md"
+TAGS = ("machine-unlearning", "clip", "hf_clip_forget", "projection-edit", "zero-shot-image-classification")
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#!|~])")
+
+
+@dataclass(frozen=True)
+class ForgetEvaluation:
+    """Before/after zero-shot accuracies of an edit on one labelled dataset (fractions in [0, 1]).
+
+    Rendered as a table in the card and as ``model-index`` results (the *after* values) in its metadata.
+    """
+
+    dataset_name: str
+    dataset_type: str
+    forget_accuracy_before: float
+    forget_accuracy_after: float
+    retain_accuracy_before: float
+    retain_accuracy_after: float
+    split: str = "test"
+
+    def eval_results(self, task_name: str = "Zero-shot image classification") -> list[EvalResult]:
+        common = dict(
+            task_type="zero-shot-image-classification",
+            task_name=task_name,
+            dataset_type=self.dataset_type,
+            dataset_name=self.dataset_name,
+            dataset_split=self.split,
+            metric_type="accuracy",
+        )
+        return [
+            EvalResult(metric_name="forget accuracy", metric_value=self.forget_accuracy_after, **common),
+            EvalResult(metric_name="retain accuracy", metric_value=self.retain_accuracy_after, **common),
+        ]
+
+
+def escape_markdown(text: str) -> str:
+    """Text shown as text in Markdown and HTML: ``& < > " '`` become HTML entities, Markdown's inline syntax
+    (emphasis, code, links, images, ``|`` of tables) is backslash-escaped, and line breaks become spaces, so a
+    value cannot leave its table cell or line."""
+    text = " ".join(str(text).split())
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(text, quote=True))
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` if it is a Hub repo id (not a local path, not empty), else ``None``."""
+    if not name_or_path or os.path.exists(name_or_path) or os.path.isabs(name_or_path):
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def build_model_card(
+    model: ForgetPeftModel,
+    repo_id: str | None = None,
+    *,
+    merged: bool = False,
+    evaluations: Sequence[ForgetEvaluation] = (),
+) -> ModelCard:
+    """The card of ``model``'s forget adapters (or, with ``merged=True``, of the merged full model)."""
+    configs = dict(model.peft_config)
+    first = next(iter(configs.values()))
+    base_model = hub_model_id(first.base_model_name_or_path)
+    active = set(model.active_adapters)
+    forgotten = list(dict.fromkeys(c for config in configs.values() for c in config.forgotten_classes))
+    evaluations = list(evaluations)
+
+    title = repo_id.split("/")[-1] if repo_id else ("Unlearned model" if merged else "Forget adapter")
+    eval_results = [result for e in evaluations for result in e.eval_results()] or None
+    card_data = ModelCardData(
+        library_name="transformers" if merged else "peft",
+        base_model=base_model,
+        pipeline_tag="zero-shot-image-classification",
+        tags=list(TAGS) + ([] if merged else ["peft"]),
+        eval_results=eval_results,
+        model_name=title if eval_results else None,  # only meaningful inside model-index
+        forgotten_classes=forgotten,
+        unlearning_method=sorted({config.method for config in configs.values()}),
+    )
+    adapters = [_adapter_row(name, config, name in active) for name, config in configs.items()]
+    fingerprints = [
+        {"module": module, "shape": "×".join(map(str, fp.shape)), "sha256": fp.sha256}
+        for module, fp in (
+            (module, WeightFingerprint.from_dict(data)) for module, data in first.base_fingerprints.items()
+        )
+    ]
+    edited_modules = sorted({m for config in configs.values() for m in _modules(config)})
+    versions = first.provenance.get("versions", {})
+    template = resources.files("hf_clip_forget").joinpath("model_cards", TEMPLATE_NAME).read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        title=escape_markdown(title),
+        merged=merged,
+        repo_id=repo_id or "<this repo>",
+        base_model=base_model,
+        base_revision=first.base_model_revision,
+        base_link=f"[`{base_model}`](https://huggingface.co/{base_model})"
+        if base_model
+        else "a CLIP-style dual encoder",
+        base_model_cell=f"`{base_model}`" if base_model else "not a Hub model (see the fingerprints)",
+        base_revision_cell=f"`{first.base_model_revision}`" if first.base_model_revision else "unknown",
+        model_class=type(model.get_base_model()).__name__,  # a Python identifier: safe inside code blocks
+        adapters=adapters,
+        method_notes=_method_notes(configs.values()),
+        evaluations=[_evaluation_row(e) for e in evaluations],
+        edited_modules="`, `".join(edited_modules),
+        fingerprints=fingerprints,
+        created=escape_markdown(first.provenance.get("created", "unknown")),
+        versions=", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in versions.items()) or "unknown",
+    )
+
+
+def _modules(config) -> list[str]:
+    targets = config.target_modules or ["visual_projection"]
+    return sorted([targets] if isinstance(targets, str) else targets)
+
+
+def _adapter_row(name: str, config, active: bool) -> dict:
+    templates = list(config.templates)
+    if templates == list(IMAGENET_TEMPLATES):
+        described = "CLIP ImageNet ensemble (80)"
+    elif templates == list(SINGLE_TEMPLATE):
+        described = escape_markdown(f'"{SINGLE_TEMPLATE[0]}"')
+    else:
+        described = f"{len(templates)} custom: " + ", ".join(escape_markdown(f'"{t}"') for t in templates[:3])
+        described += ", …" if len(templates) > 3 else ""
+    if config.average_templates and len(templates) > 1:
+        described += ", averaged per class"
+    ccup = config.method == "ccup"
+    return {
+        "name": escape_markdown(name),
+        "classes": [escape_markdown(c) for c in config.forgotten_classes],
+        "method": config.method,
+        "alpha": f"{config.alpha:g}" if not ccup else "–",
+        "lambda_mu": f"{config.ccup_lambda:g} / {config.ccup_mu:g}" if ccup else "–",
+        "rank": ", ".join(f"{escape_markdown(m)}: {k}" for m, k in sorted(config.rank_pattern.items())) or "0",
+        "targets": ", ".join(f"`{m}`" for m in _modules(config)),
+        "templates": described,
+        "retain": ", ".join(escape_markdown(c) for c in config.retain_classes) or "–",
+        "active": active,
+    }
+
+
+def _method_notes(configs) -> str:
+    methods = {config.method for config in configs}
+    notes = []
+    if "nullspace" in methods:
+        notes.append(
+            "*nullspace*: `W' = (I − α QQᵀ) W`, `Q` an orthonormal basis of the forgotten classes' text embeddings; "
+            "at α = 1 every image embedding is orthogonal to them, for α < 1 their component is scaled by 1 − α."
+        )
+    if "ccup" in methods:
+        notes.append(
+            "*ccup*: `W' = M W` with `M = argmin ‖M − I‖² + λ‖M T_f‖² + μ‖M T_r − T_r‖²` (closed form), which also "
+            "keeps the retained classes' directions."
+        )
+    return "\n".join(f"- {note}" for note in notes)
+
+
+def _evaluation_row(evaluation: ForgetEvaluation) -> dict:
+    def percent(value: float) -> str:
+        return f"{100 * value:.1f} %"
+
+    return {
+        "dataset_name": escape_markdown(evaluation.dataset_name),
+        "split": escape_markdown(evaluation.split),
+        "forget_before": percent(evaluation.forget_accuracy_before),
+        "forget_after": percent(evaluation.forget_accuracy_after),
+        "retain_before": percent(evaluation.retain_accuracy_before),
+        "retain_after": percent(evaluation.retain_accuracy_after),
+    }
+
+
+def write_model_card(
+    model: ForgetPeftModel,
+    directory: str,
+    merged: bool = False,
+    repo_id: str | None = None,
+    evaluations: Sequence[ForgetEvaluation] = (),
+) -> None:
+    """Write :func:`build_model_card` as ``README.md`` into ``directory``."""
+    card = build_model_card(model, repo_id, merged=merged, evaluations=evaluations)
+    card.save(os.path.join(directory, "README.md"))
