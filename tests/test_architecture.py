@@ -10,6 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "hf_clip_forget"
 # lower number = lower layer; a module may import only from its own layer or lower ones
 LAYERS = {
     "core": 1,
+    "models": 1,
     "tuners": 2,
     "api": 3,
     "hub": 4,

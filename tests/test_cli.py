@@ -1,0 +1,108 @@
+"""The `hf-clip-forget` command line on a tiny model saved to disk (mechanics; real images are in docs/)."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+
+from hf_clip_forget import ForgetPeftModel
+from hf_clip_forget.cli import main
+from hf_clip_forget.testing_utils import tiny_clip, tiny_tokenizer
+
+
+CLASSES = ["cat", "dog", "bird", "ship"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-clip")
+    tiny_clip().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(24)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    dataset = datasets.Dataset.from_dict({"image": images, "label": [i % 4 for i in range(24)]}, features=features)
+    path = tmp_path_factory.mktemp("data") / "test.parquet"
+    dataset.to_parquet(str(path))
+    return str(path)
+
+
+def test_forget_saves_an_adapter_that_records_the_classes(model_dir, tmp_path):
+    assert (
+        main(["forget", model_dir, "--classes", "cat, dog", "--templates", "single", "--output", str(tmp_path / "a")])
+        == 0
+    )
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["forgotten_classes"] == ["cat", "dog"] and config["templates"] == ["a photo of a {}."]
+    assert ForgetPeftModel.from_pretrained(tiny_clip(), tmp_path / "a").forgotten_classes == {
+        "default": ["cat", "dog"]
+    }
+
+
+def test_forget_merge_saves_a_loadable_full_model(model_dir, tmp_path):
+    from transformers import CLIPModel
+
+    assert main(["forget", model_dir, "--classes", "cat", "--merge", "--output", str(tmp_path / "m")]) == 0
+    merged = CLIPModel.from_pretrained(tmp_path / "m")
+    assert not hasattr(merged, "peft_config") and (tmp_path / "m" / "tokenizer.json").exists()
+    assert "cat" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_eval_writes_before_and_after(model_dir, data_file, tmp_path):
+    main(["forget", model_dir, "--classes", "cat", "--output", str(tmp_path / "a")])
+    out = tmp_path / "report.json"
+    assert (
+        main(
+            [
+                "eval",
+                model_dir,
+                "--adapter",
+                str(tmp_path / "a"),
+                "--data",
+                data_file,
+                "--json",
+                str(out),
+                "--no-cache",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert set(report) == {"before", "after"}
+    for side in report.values():
+        assert {"forget_accuracy", "retain_accuracy", "per_class"} <= set(side) and set(side["per_class"]) == set(
+            CLASSES
+        )
+
+
+def test_sweep_draws_the_trade_off_plot(model_dir, data_file, tmp_path):
+    plot, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    args = ["sweep", model_dir, "--classes", "cat", "--data", data_file, "--alphas", "0,0.5,1"]
+    assert main([*args, "--plot", str(plot), "--json", str(out), "--no-cache"]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(out.read_text())
+    assert [row["alpha"] for row in result["sweep"]] == [0.0, 0.5, 1.0]
+    assert result["sweep"][0]["forget_accuracy"] == result["before"]["forget_accuracy"]  # alpha 0 changes nothing
+
+
+def test_bad_input_gets_a_clear_error(model_dir, data_file, tmp_path, capsys):
+    assert main(["eval", model_dir, "--data", data_file, "--forget", "unicorn", "--no-cache"]) == 2
+    assert "unicorn" in capsys.readouterr().err
+    assert main(["forget", model_dir, "--classes", "cat", "--alpha", "3", "--output", str(tmp_path / "x")]) == 2
+    assert "alpha" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(SystemExit, match="not a CLIP-style dual encoder"):
+        main(["forget", str(tmp_path / "bert"), "--classes", "cat", "--output", str(tmp_path / "y")])
