@@ -270,7 +270,7 @@ def add_forget_adapter(
         show_progress=show_progress,
     )
     name = plan.adapter_name
-    if _holds_forget_adapters(model):
+    if holds_forget_adapters(model):
         _stack_adapter(model, name, plan)
         return model
     with _quiet_peft_wrapping():
@@ -332,7 +332,7 @@ def _plan_adapter(
             "classes, or drop `retain_classes`."
         )
 
-    if isinstance(model, PeftModel) and not _holds_forget_adapters(model):
+    if isinstance(model, PeftModel) and not holds_forget_adapters(model):
         raise TypeError(
             f"{type(model).__name__} is a PeftModel of another kind; forget adapters cannot share a PeftModel with "
             "other peft methods. Pass the base model, or a model loaded with ForgetPeftModel.from_pretrained."
@@ -350,7 +350,7 @@ def _plan_adapter(
         text_embeds is None or target != "visual" or (retain_classes is not None and retain_text_embeds is None)
     )
     if needs_text_tower:
-        tokenizer = _resolve_tokenizer(base, tokenizer)
+        tokenizer = resolve_tokenizer(base, tokenizer)
         check_tokenizer_fits(base, tokenizer)
 
     if text_embeds is not None:
@@ -449,7 +449,7 @@ def _provenance() -> dict:
     }
 
 
-def _holds_forget_adapters(model) -> bool:
+def holds_forget_adapters(model) -> bool:
     """A PeftModel whose adapters are all forget adapters (a ForgetPeftModel, or a PeftModel loaded by peft)."""
     return isinstance(model, PeftModel) and all(
         isinstance(config, ProjectionEditConfig) for config in model.peft_config.values()
@@ -503,24 +503,33 @@ def _check_embeddings(embeds, dim: int, argument: str) -> Tensor:
     return normalize_rows(embeds)
 
 
-def _resolve_tokenizer(model, tokenizer):
+def resolve_tokenizer(model, tokenizer):
+    """``tokenizer`` if given (checked to be a tokenizer), else the one saved with ``model``'s checkpoint."""
     if tokenizer is not None:
         if not callable(tokenizer) or not hasattr(tokenizer, "__len__"):
             raise TypeError(f"`tokenizer` must be a transformers tokenizer, got {type(tokenizer).__name__}.")
         return tokenizer
-    source = getattr(model, "name_or_path", None)
-    if not source:
-        raise ValueError(
-            "Pass `tokenizer=` (e.g. `AutoTokenizer.from_pretrained(<model id>)`): the model was not loaded from a "
-            "checkpoint, so its tokenizer cannot be found."
-        )
     from transformers import AutoTokenizer
 
+    return load_from_model_checkpoint(model, AutoTokenizer, "tokenizer")
+
+
+def load_from_model_checkpoint(model, auto_class, argument: str):
+    """``auto_class.from_pretrained`` of the checkpoint ``model`` was loaded from (its tokenizer, image processor…),
+    with an error that says to pass ``argument=`` when there is no checkpoint or loading fails."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    source = getattr(base, "name_or_path", None)
+    what = argument.replace("_", " ")
+    if not source:
+        raise ValueError(
+            f"Pass `{argument}=` (e.g. `{auto_class.__name__}.from_pretrained(<model id>)`): the model was not loaded "
+            f"from a checkpoint, so its {what} cannot be found."
+        )
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return auto_class.from_pretrained(source)
     except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
         raise ValueError(
-            f"Could not load the tokenizer of {source!r} ({error}). Pass `tokenizer=` explicitly."
+            f"Could not load the {what} of {source!r} ({error}). Pass `{argument}=` explicitly."
         ) from error
 
 

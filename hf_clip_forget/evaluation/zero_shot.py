@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..api import _holds_forget_adapters, _resolve_tokenizer
+from ..api import holds_forget_adapters, load_from_model_checkpoint, resolve_tokenizer
 from ..core import class_text_embeddings, resolve_templates, validate_class_names
 from ..hub import ForgetEvaluation
 from .data import AUTO, check_labelled_images
@@ -511,21 +511,9 @@ def _image_features(
 
 
 def _load_image_processor(model: nn.Module) -> Callable:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    source = getattr(base, "name_or_path", None)
-    if not source:
-        raise ValueError(
-            "Pass `image_processor=` (e.g. `AutoImageProcessor.from_pretrained(<model id>)`): the model was not "
-            "loaded from a checkpoint, so its image processor cannot be found."
-        )
     from transformers import AutoImageProcessor
 
-    try:
-        return AutoImageProcessor.from_pretrained(source)
-    except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
-        raise ValueError(
-            f"Could not load the image processor of {source!r} ({error}). Pass `image_processor=` explicitly."
-        ) from error
+    return load_from_model_checkpoint(model, AutoImageProcessor, "image_processor")
 
 
 def _classify(
@@ -540,7 +528,7 @@ def _classify(
     metric,
 ) -> ZeroShotReport:
     """Classify the cached images with ``model`` as it is now (its edits active or bypassed) and score them."""
-    model = model.get_base_model() if _holds_forget_adapters(model) else model  # the adapters live inside it
+    model = model.get_base_model() if holds_forget_adapters(model) else model  # the adapters live inside it
     unique = list(dict.fromkeys(prompt_names))  # classes may share a prompt name (``class_prompts``)
     text = class_embeddings(model, tokenizer, unique, templates, text_batch_size, show_progress)
     text = text[[unique.index(name) for name in prompt_names]]
@@ -599,8 +587,8 @@ def evaluate_zero_shot(
         ),
     )
     forget = _check_forget_classes(forget_classes, features)
-    base = model.get_base_model() if _holds_forget_adapters(model) else model
-    tokenizer = _resolve_tokenizer(base, tokenizer)
+    base = model.get_base_model() if holds_forget_adapters(model) else model
+    tokenizer = resolve_tokenizer(base, tokenizer)
     prompts = _prompt_names(features.class_names, class_prompts)
     templates = resolve_templates(templates)
     metric = load_forgetting_metric()
@@ -665,7 +653,7 @@ def evaluate_edit(
     Returns:
         A :class:`ForgettingReport`; ``report.to_dict()`` is ``{"before": {...}, "after": {...}}``.
     """
-    adapters = _holds_forget_adapters(model)
+    adapters = holds_forget_adapters(model)
     if reference_model is None and not adapters:
         raise ValueError(
             f"{type(model).__name__} holds no forget adapter, so there is no edit to bypass for the 'before' "
@@ -697,7 +685,7 @@ def evaluate_edit(
         raise ValueError("Pass `forget_classes=`: the dataset classes the edit forgets.")
     forget = _check_forget_classes(forget_classes, features)
     base = model.get_base_model() if adapters else model
-    tokenizer = _resolve_tokenizer(base, tokenizer)
+    tokenizer = resolve_tokenizer(base, tokenizer)
     prompts = _prompt_names(features.class_names, class_prompts)
     templates = resolve_templates(templates)
     metric = load_forgetting_metric()
