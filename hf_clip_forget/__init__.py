@@ -13,7 +13,11 @@ The package is layered; each layer imports only from the ones above it in this l
 1. ``core/``     — math on tensors: templates, text embeddings, bases, projectors, CCUP, union (no peft);
 2. ``tuners/``   — peft glue: ``ProjectionEditConfig``, the layer, the tuner, their registration;
 3. ``api.py``    — the user API: ``add_forget_adapter``, ``ForgetPeftModel``;
-4. ``hub/``      — model cards and ``push_to_hub`` (plugs into ``ForgetPeftModel``);
+4. ``hub/``      — model cards and ``push_to_hub`` (plugs into ``ForgetPeftModel``); ``evaluation/`` — the
+   zero-shot harness (imported on demand: it loads ``evaluate``);
+5. ``cli.py``    — the ``hf-clip-forget`` command.
+
+``models/`` sits beside ``core/``: transformers-native towers and the embedded demo dual encoder.
 
 ``testing_utils.py`` builds tiny random models and tokenizers for tests and examples (no downloads).
 """

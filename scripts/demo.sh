@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job, offline. Extra arguments go to the example, e.g. `bash scripts/demo.sh --classes truck`.
+# The main job, offline: `hf-clip-forget demo` on the embedded default model. Extra arguments go to it,
+# e.g. `bash scripts/demo.sh --classes horse,guitar`.
 source "$(dirname "$0")/_bootstrap.sh"
 cd "$ROOT"
-exec "$PYTHON" scripts/quickstart.py "$@"
+exec "$ROOT/.venv/bin/hf-clip-forget" demo "$@"

