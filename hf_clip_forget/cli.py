@@ -80,6 +80,7 @@ def command_forget(args) -> int:
         method=args.method,
         templates=_templates(args.templates),
         target=args.target,
+        keep_shared_direction=False if args.no_keep_shared_direction else None,
     )
     if args.merge:
         edited.save_merged_pretrained(args.output)
@@ -132,12 +133,16 @@ def command_sweep(args) -> int:
     model, tokenizer, image_processor = load_dual_encoder(args.model)
     features = cached_image_features(model, image_processor, args.data, args.split, args.model, not args.no_cache)
     classes = _split(args.classes)
+    # the data's other class names (names only) define the shared direction the edit keeps
+    retain = None if args.no_keep_shared_direction else [c for c in features.class_names if c not in classes]
     alphas = [float(a) for a in _split(args.alphas)]
     edited, rows = None, []
     for alpha in alphas:
         name = f"alpha_{len(rows)}"
         target = edited if edited is not None else model
-        edited = add_forget_adapter(target, classes, tokenizer, alpha=alpha, adapter_name=name, show_progress=False)
+        edited = add_forget_adapter(
+            target, classes, tokenizer, retain_classes=retain, alpha=alpha, adapter_name=name, show_progress=False
+        )
         edited.set_adapter(name)
         report = evaluate_edit(edited, features, classes, tokenizer=tokenizer, show_progress=False)
         rows.append({"alpha": alpha, **{k: report.after.to_dict()[k] for k in ("forget_accuracy", "retain_accuracy")}})
@@ -151,7 +156,9 @@ def command_sweep(args) -> int:
         print(f"plot → {args.plot}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"classes": classes, "before": before.to_dict(), "sweep": rows}, handle, indent=2)
+            json.dump(
+                {"classes": classes, "retain_classes": retain, "before": before.to_dict(), "sweep": rows}, handle, indent=2
+            )
     return 0
 
 
@@ -205,10 +212,12 @@ def command_demo(args) -> int:
         return [classes[i] for i in (image @ text.embeddings.float().T).argmax(dim=1).tolist()]
 
     before = predict(model)
-    edited = add_forget_adapter(model, forget, tokenizer, show_progress=False)
+    others = [c for c in classes if c not in forget]
+    edited = add_forget_adapter(model, forget, tokenizer, retain_classes=others or None, show_progress=False)
     after = predict(edited)
     print("\nhf-clip-forget demo — the embedded default model (EfficientNet-Lite0 + all-MiniLM-L6-v2; not CLIP)")
-    print(f"forgetting {forget} by name: a nullspace projection of visual_projection, no data, no training\n")
+    print(f"forgetting {forget} by name: a nullspace projection of visual_projection, no data, no training")
+    print(f"(the direction they share with the other classes, {others}, is kept)\n")
     print(f"{'image':<14} {'true class':<10} {'before':<10} {'after':<10}")
     for entry, label, old, new in zip(entries, labels, before, after, strict=True):
         mark = "  ← forgotten" if label in forget else ""
@@ -256,11 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     forget = commands.add_parser("forget", help="build a forget adapter (or a merged model) and save it")
     forget.add_argument("model", help="Hub id, local path, or `demo`")
     forget.add_argument("--classes", required=True, help="classes to forget, comma-separated")
-    forget.add_argument("--retain-classes", default=None, help="classes to keep (CCUP), comma-separated")
+    forget.add_argument(
+        "--retain-classes",
+        default=None,
+        help="the other classes to keep recognising, comma-separated: the edit keeps the direction all classes share "
+        "(CCUP also keeps each of them)",
+    )
     forget.add_argument("--alpha", type=float, default=1.0, help="nullspace strength in [0, 1]")
     forget.add_argument("--method", choices=["nullspace", "ccup"], default="nullspace")
     forget.add_argument("--target", choices=["visual", "text", "both"], default="visual")
     forget.add_argument("--templates", nargs="+", default=None, help="'imagenet', 'single' or format strings with {}")
+    forget.add_argument(
+        "--no-keep-shared-direction",
+        action="store_true",
+        help="remove the forget classes' full embeddings, shared direction included (the default with no retain classes)",
+    )
     forget.add_argument("--output", required=True, help="directory to save to")
     forget.add_argument("--merge", action="store_true", help="save the full model with the edit merged")
     forget.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this Hub repo")
@@ -282,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--classes", required=True, help="classes to forget, comma-separated")
             sub.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
             sub.add_argument("--plot", default=None, help="write the trade-off plot (PNG) here")
+            sub.add_argument(
+                "--no-keep-shared-direction",
+                action="store_true",
+                help="do not keep the direction shared with the data's other classes (see `forget --help`)",
+            )
             sub.set_defaults(handler=command_sweep)
     return parser
 

@@ -189,6 +189,13 @@ def zero_shot_report(model, processor, data_dir, cache_dir, state, batch_size) -
     return report
 
 
+def training_metadata(args, caps: dict[str, int]) -> dict[str, str]:
+    """What determines the weights (not where files went), so that the same training gives the same file."""
+    paths = {"data_dir", "output", "cache_dir", "json", "cap"}
+    settings = {key: value for key, value in vars(args).items() if key not in paths}
+    return {"seed": str(args.seed), "args": json.dumps({**settings, "caps": caps}, sort_keys=True)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
@@ -207,9 +214,10 @@ def main() -> None:
     parser.add_argument(
         "--cap",
         action="append",
-        default=["cifar10=1000"],
+        default=["cifar10=3000"],
         metavar="DATASET=N",
-        help="per-dataset override of --max-per-cell (default: cifar10=1000: its 32-px images need more examples)",
+        help="per-dataset override of --max-per-cell (default: cifar10=3000, i.e. all of its train split: its 32-px "
+        "images need more examples)",
     )
     parser.add_argument("--json", default=None, help="write the zero-shot report here")
     args = parser.parse_args()
@@ -233,7 +241,7 @@ def main() -> None:
     state = train(image_feats, caption_choices, caption_feats, class_of_caption, args)
     print(f"trained in {time.perf_counter() - start:.0f} s")
     torch.set_grad_enabled(False)
-    save_file(state, args.output, metadata={"seed": str(args.seed), "args": json.dumps(vars(args))})
+    save_file(state, args.output, metadata=training_metadata(args, caps))
     digest = hashlib.sha256(open(args.output, "rb").read()).hexdigest()[:12]
     print(f"wrote {args.output} (sha256 {digest})")
     report = zero_shot_report(model, processor, args.data_dir, feature_dir, state, args.feature_batch_size)

@@ -66,7 +66,9 @@ def test_ccup_keeps_retain_directions_within_its_bound(tokenizer, make_model):
     forget_dirs = class_embeddings(base, tokenizer, FORGET).double()
     retain_dirs = class_embeddings(base, tokenizer, retain).double()
     lam, mu = 1000.0, 100.0
-    model = forget(base, tokenizer, method="ccup", retain_classes=retain, ccup_lambda=lam, ccup_mu=mu)
+    model = forget(
+        base, tokenizer, method="ccup", retain_classes=retain, ccup_lambda=lam, ccup_mu=mu, keep_shared_direction=False
+    )
     m = model.base_model.model.visual_projection.combined_edit(["default"]).matrix().double()
     shift = (m @ retain_dirs.T - retain_dirs.T).norm()
     assert shift <= (lam / mu) ** 0.5 * forget_dirs.norm()  # the stated tolerance
@@ -85,6 +87,60 @@ def test_ccup_keeps_retain_directions_within_its_bound(tokenizer, make_model):
 
     assert objective(m) <= min(objective(eye), objective(p)) * (1 + 1e-6)
     assert model.peft_config["default"].retain_classes == retain
+
+
+def _shared_direction(*embeddings: torch.Tensor) -> torch.Tensor:
+    rows = torch.nn.functional.normalize(torch.cat(embeddings).double(), dim=-1)
+    return torch.nn.functional.normalize(rows.mean(dim=0), dim=0)
+
+
+def test_keeping_the_shared_direction_removes_only_what_is_specific_to_the_forgotten_classes(
+    make_model, tokenizer, pixels
+):
+    base = make_model()
+    retain = ["bird", "frog", "ship", "truck"]
+    forget_dirs = class_embeddings(base, tokenizer, FORGET).double()
+    shared = _shared_direction(forget_dirs, class_embeddings(base, tokenizer, retain))
+    specific = forget_dirs - (forget_dirs @ shared)[:, None] * shared[None]  # t_f − (t_f·s) s
+    before = image_features(base, pixels).double()
+    model = forget(base, tokenizer, retain_classes=retain)
+    assert model.peft_config["default"].keep_shared_direction  # the default once retain classes are named
+    after = image_features(model, pixels).double()
+    scale = before.norm(dim=-1).max().item()
+    # the image features lose every forget-specific component …
+    assert (after @ specific.T).abs().max().item() <= 1e-5 * scale
+    # … keep their shared component exactly, so a forgotten class's logit is its share of s: (t_f·s)(v·s)
+    torch.testing.assert_close(after @ shared, before @ shared, atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(
+        after @ forget_dirs.T, (after @ shared)[:, None] * (forget_dirs @ shared)[None], atol=1e-5 * scale, rtol=0
+    )
+    # whereas the plain nullspace sends those logits to 0, shared part included
+    plain = forget(make_model(), tokenizer, retain_classes=retain, keep_shared_direction=False)
+    assert not plain.peft_config["default"].keep_shared_direction
+    assert (image_features(plain, pixels).double() @ forget_dirs.T).abs().max().item() <= 1e-5 * scale
+    assert (after @ forget_dirs.T).abs().max().item() > 1e-2 * scale
+
+
+def test_ccup_with_the_shared_direction_kept_is_the_optimum_of_its_objective(make_model, tokenizer):
+    base = make_model()
+    retain = ["bird", "frog", "ship", "truck"]
+    forget_dirs = class_embeddings(base, tokenizer, FORGET).double()
+    retain_dirs = class_embeddings(base, tokenizer, retain).double()
+    shared = _shared_direction(forget_dirs, retain_dirs)
+    specific = torch.nn.functional.normalize(forget_dirs - (forget_dirs @ shared)[:, None] * shared[None], dim=-1)
+    kept = torch.cat([retain_dirs, shared[None]])
+    lam, mu = 1000.0, 100.0
+    model = forget(base, tokenizer, method="ccup", retain_classes=retain, ccup_lambda=lam, ccup_mu=mu)
+    assert model.peft_config["default"].keep_shared_direction
+    m = model.base_model.model.visual_projection.combined_edit(["default"]).matrix().double()
+    eye = torch.eye(m.shape[0], dtype=torch.float64)
+
+    def objective(x):
+        return ((x - eye) ** 2).sum() + lam * ((x @ specific.T) ** 2).sum() + mu * ((x @ kept.T - kept.T) ** 2).sum()
+
+    perturbed = m + 1e-3 * torch.randn(m.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert objective(m) <= min(objective(eye), objective(perturbed)) * (1 + 1e-9)
+    assert (m @ shared - shared).norm() <= (lam / mu) ** 0.5 * specific.norm()
 
 
 @pytest.mark.parametrize("method", ["nullspace", "ccup"])

@@ -48,6 +48,15 @@ def test_forget_saves_an_adapter_that_records_the_classes(model_dir, tmp_path):
     }
 
 
+@pytest.mark.parametrize(("extra", "kept"), [([], True), (["--no-keep-shared-direction"], False)])
+def test_forget_with_retain_classes_keeps_the_shared_direction_unless_told_not_to(model_dir, tmp_path, extra, kept):
+    args = ["forget", model_dir, "--classes", "cat", "--retain-classes", "dog,bird", "--templates", "single"]
+    assert main([*args, *extra, "--output", str(tmp_path / "a")]) == 0
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["retain_classes"] == ["dog", "bird"] and config["keep_shared_direction"] is kept
+    assert ("shared direction kept" in (tmp_path / "a" / "README.md").read_text()) is kept
+
+
 def test_forget_merge_saves_a_loadable_full_model(model_dir, tmp_path):
     from transformers import CLIPModel
 
@@ -92,6 +101,9 @@ def test_sweep_draws_the_trade_off_plot(model_dir, data_file, tmp_path):
     result = json.loads(out.read_text())
     assert [row["alpha"] for row in result["sweep"]] == [0.0, 0.5, 1.0]
     assert result["sweep"][0]["forget_accuracy"] == result["before"]["forget_accuracy"]  # alpha 0 changes nothing
+    assert result["retain_classes"] == ["dog", "bird", "ship"]  # the data's other class names define the shared part
+    assert main([*args, "--json", str(out), "--no-cache", "--no-keep-shared-direction"]) == 0
+    assert json.loads(out.read_text())["retain_classes"] is None
 
 
 def test_bad_input_gets_a_clear_error(model_dir, data_file, tmp_path, capsys):

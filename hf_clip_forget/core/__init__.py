@@ -16,6 +16,7 @@ from .subspace import (
     nullspace_edit,
     orthonormal_basis,
     remove_span,
+    shared_direction,
 )
 from .templates import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, TEMPLATE_SETS, fill_templates, resolve_templates
 from .text_embeddings import (
@@ -50,5 +51,6 @@ __all__ = [
     "orthonormal_basis",
     "remove_span",
     "resolve_templates",
+    "shared_direction",
     "validate_class_names",
 ]

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .subspace import DEFAULT_RANK_TOLERANCE, EDIT_METHODS, gram_factor, normalize_rows, orthonormal_basis, remove_span
+from .subspace import (
+    DEFAULT_RANK_TOLERANCE,
+    EDIT_METHODS,
+    gram_factor,
+    normalize_rows,
+    orthonormal_basis,
+    remove_span,
+    shared_direction,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ def build_edit_factors(
     retain_embeds: Tensor | None = None,
     anchor_embeds: Tensor | None = None,
     rtol: float = DEFAULT_RANK_TOLERANCE,
+    keep_shared_direction: bool = False,
 ) -> EditFactors:
     """Factors of a forget edit from row embeddings.
 
@@ -40,11 +49,33 @@ def build_edit_factors(
     renormalises into a random direction. Instead the forget directions are the parts of ``T_f`` orthogonal to the
     kept span ``K = span(anchor, T_r)``: the edit maps a forgotten prompt onto its projection in ``K`` (it becomes
     a generic prompt), and leaves the anchor and the retain prompts exactly unchanged.
+
+    ``keep_shared_direction`` (image side, needs ``retain_embeds``): the forget directions are taken orthogonal to the
+    direction ``s`` shared by all named classes (:func:`~hf_clip_forget.core.subspace.shared_direction` of forget and
+    retain embeddings), and CCUP also keeps ``s``. A forgotten class's logit then falls to about the mean logit
+    instead of 0, while the other classes keep their common component.
     """
     if method not in EDIT_METHODS:
         raise ValueError(f"`method` must be one of {EDIT_METHODS}, got {method!r}.")
     forget = normalize_rows(forget_embeds)
     retain = normalize_rows(retain_embeds) if retain_embeds is not None else None
+    if keep_shared_direction:
+        if anchor_embeds is not None:
+            raise ValueError("`keep_shared_direction` applies to image-side edits only (no `anchor_embeds`).")
+        if retain is None:
+            raise ValueError(
+                "`keep_shared_direction` needs the retain classes: the shared direction is the mean of all named "
+                "classes. Pass `retain_classes` (e.g. the other candidate classes), or keep_shared_direction=False."
+            )
+        shared = shared_direction(torch.cat([forget, retain]))
+        distinctive = remove_span(forget, shared[:, None])
+        if (distinctive.norm(dim=1) < 1e-6).any():
+            raise ValueError(
+                "A forget embedding is parallel to the direction all classes share, so it cannot be removed while "
+                "that direction is kept; pass keep_shared_direction=False."
+            )
+        forget = normalize_rows(distinctive)
+        retain = torch.cat([retain, shared[None, :]])
     if anchor_embeds is not None:
         kept_rows = normalize_rows(anchor_embeds)
         if retain is not None:

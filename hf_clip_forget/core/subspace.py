@@ -110,6 +110,21 @@ def remove_span(vectors: Tensor, basis: Tensor) -> Tensor:
     return rows - (rows @ q) @ q.T
 
 
+def shared_direction(vectors: Tensor) -> Tensor:
+    """The direction all classes share: ``s = mean(t̂_i) / ‖mean(t̂_i)‖`` over the normalised rows ``t̂_i``.
+
+    Text embeddings of class prompts have a large common component ("a photo of a …"). Removing a forget class's
+    full embedding also removes part of that component from every image, which lowers *all* other classes'
+    cosines; keeping ``s`` out of the forget subspace instead sends the forgotten class's logit to about the mean
+    of all classes' logits (its own share of ``s``), below the best class of any image.
+    """
+    mean = normalize_rows(vectors).mean(dim=0)
+    norm = mean.norm()
+    if norm < 1e-6:
+        raise ValueError("The class embeddings cancel out on average; they have no shared direction to keep.")
+    return mean / norm
+
+
 @dataclass(frozen=True)
 class LowRankEdit:
     """The linear map ``M = I − U Vᵀ`` of a d-dimensional embedding space.

@@ -156,7 +156,7 @@ def _adapter_row(name: str, config, active: bool) -> dict:
     return {
         "name": escape_markdown(name),
         "classes": [escape_markdown(c) for c in config.forgotten_classes],
-        "method": config.method,
+        "method": config.method + (", shared direction kept" if config.keep_shared_direction else ""),
         "alpha": f"{config.alpha:g}" if not ccup else "–",
         "lambda_mu": f"{config.ccup_lambda:g} / {config.ccup_mu:g}" if ccup else "–",
         "rank": ", ".join(f"{escape_markdown(m)}: {k}" for m, k in sorted(config.rank_pattern.items())) or "0",
@@ -179,6 +179,12 @@ def _method_notes(configs) -> str:
         notes.append(
             "*ccup*: `W' = M W` with `M = argmin ‖M − I‖² + λ‖M T_f‖² + μ‖M T_r − T_r‖²` (closed form), which also "
             "keeps the retained classes' directions."
+        )
+    if any(config.keep_shared_direction for config in configs):
+        notes.append(
+            "*shared direction kept*: the forget directions are taken orthogonal to the mean direction of all named "
+            "classes (forgotten and retained), so a forgotten class's score falls to about the average score instead "
+            "of 0 and the other classes keep what they share."
         )
     return "\n".join(f"- {note}" for note in notes)
 

@@ -30,6 +30,10 @@ class ProjectionEditConfig(PeftConfig):
             (projection that also keeps a retain set).
         alpha (`float`, defaults to 1.0):
             Strength of a nullspace edit in [0, 1]: the forget component of every embedding is scaled by `1 − alpha`.
+        keep_shared_direction (`bool`, defaults to `False`):
+            Whether the image-side forget directions were taken orthogonal to the direction all named classes share
+            (the mean of the forget and retain class embeddings), so that a forgotten class's logit falls to about
+            the mean logit rather than to 0 (see `hf_clip_forget.core.shared_direction`).
         ccup_lambda (`float`, defaults to 1000.0):
             CCUP weight λ ≥ 0 of the forget term; larger forgets harder.
         ccup_mu (`float`, defaults to 100.0):
@@ -45,7 +49,8 @@ class ProjectionEditConfig(PeftConfig):
         forgotten_classes (`list[str]`):
             The classes this adapter forgets (a saved adapter says what it forgets).
         retain_classes (`list[str]`):
-            The classes CCUP was told to keep.
+            The classes named as kept: CCUP keeps them; with `keep_shared_direction` they define the shared
+            direction; text-side edits keep them exactly.
         templates (`list[str]`):
             Prompt templates used to embed the class names.
         average_templates (`bool`, defaults to `True`):
@@ -73,6 +78,10 @@ class ProjectionEditConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to wrap."})
     method: str = field(default="nullspace", metadata={"help": "Edit method: 'nullspace' or 'ccup'."})
     alpha: float = field(default=1.0, metadata={"help": "Nullspace strength in [0, 1]; 1 removes the subspace."})
+    keep_shared_direction: bool = field(
+        default=False,
+        metadata={"help": "Image-side forget directions orthogonal to the mean direction of all named classes."},
+    )
     ccup_lambda: float = field(default=1000.0, metadata={"help": "CCUP forget weight λ >= 0."})
     ccup_mu: float = field(default=100.0, metadata={"help": "CCUP retain weight μ >= 0."})
     rank_pattern: dict = field(
@@ -86,7 +95,7 @@ class ProjectionEditConfig(PeftConfig):
         default_factory=dict, metadata={"help": "[out_features, in_features] of each target module at build time."}
     )
     forgotten_classes: list = field(default_factory=list, metadata={"help": "Class names this adapter forgets."})
-    retain_classes: list = field(default_factory=list, metadata={"help": "Class names CCUP keeps."})
+    retain_classes: list = field(default_factory=list, metadata={"help": "Class names kept (CCUP, shared direction, text side)."})
     templates: list = field(default_factory=list, metadata={"help": "Prompt templates used to embed class names."})
     average_templates: bool = field(
         default=True, metadata={"help": "Whether template embeddings were averaged per class."}
