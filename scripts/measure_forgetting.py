@@ -167,6 +167,7 @@ def plot_sweeps(sweeps: dict[str, list[dict]], before: dict, title: str, path: s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    parser.add_argument("--model", default="demo", help="`demo` (the embedded default), a Hub id or a local path")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--alphas", default="0,0.25,0.5,0.75,0.9,1")
     parser.add_argument("--draws", type=int, default=3, help="forget sets of each size per dataset")
@@ -176,11 +177,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    model, tokenizer, image_processor = load_dual_encoder("demo")
+    model, tokenizer, image_processor = load_dual_encoder(args.model)
     rows, sweeps, domains, geometries = [], {}, {}, {}
     for name in args.datasets.split(","):
         path = os.path.join(args.data_dir, name, "test.parquet")
-        features = cached_image_features(model, image_processor, path, "test", "demo")
+        features = cached_image_features(model, image_processor, path, "test", args.model)
         text = class_embeddings(model, tokenizer, features.class_names)
         geometries[name] = geometry(model, features, text)
         sets = forget_sets(list(features.class_names), args.draws, args.seed)
@@ -193,7 +194,7 @@ def main() -> None:
         alphas = [float(a) for a in args.alphas.split(",")]
         sweeps[name] = {v: [measure(model, features, text, single, v, alpha=a) for a in alphas] for v in SWEEP_VARIANTS}
         if args.plot_dir:
-            title = f"{name}: forgetting {single[0]!r} (demo model)"
+            title = f"{name}: forgetting {single[0]!r} ({args.model} model)"
             path = os.path.join(args.plot_dir, f"{name}_alpha_sweep.png")
             plot_sweeps(sweeps[name], sweeps[name]["nullspace"][0], title, path)
 

@@ -1,0 +1,95 @@
+"""Effectiveness on real images: the demo model on a stratified sample of PACS test (all four domains).
+
+The tiny random models of the other tests show mechanics; whether forgetting *works* can only be seen on real
+images. The full measurement (every split, more forget sets) is `scripts/measure_forgetting.py` → docs/forgetting.md;
+this keeps its central claims under test. The data is read from `../shared/data` (or `$HF_CLIP_FORGET_DATA`).
+"""
+
+import os
+
+import pytest
+import torch
+
+from hf_clip_forget import add_forget_adapter
+from hf_clip_forget.evaluation import (
+    class_embeddings,
+    embed_images,
+    load_labelled_images,
+    project_image_features,
+    score_predictions,
+    zero_shot_logits,
+)
+from hf_clip_forget.models.demo import load_demo_model
+
+
+DATA_DIR = os.environ.get(
+    "HF_CLIP_FORGET_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+)
+PACS_TEST = os.path.join(DATA_DIR, "pacs", "test.parquet")
+PER_CELL = 6  # images per (domain, class): 168 images, ~15 s of feature extraction on a 2-core CPU
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(PACS_TEST), reason=f"PACS test split not found at {PACS_TEST}")
+
+
+@pytest.fixture(scope="module")
+def pacs():
+    """``(model, tokenizer, features, class text embeddings)`` of the demo model on the PACS sample."""
+    model, processor = load_demo_model()
+    dataset = load_labelled_images(PACS_TEST, split="test")
+    taken: dict[tuple[int, int], int] = {}
+    indices = []
+    for index, (domain, label) in enumerate(zip(dataset["domain"], dataset["label"], strict=True)):
+        if taken.get((domain, label), 0) < PER_CELL:
+            taken[(domain, label)] = taken.get((domain, label), 0) + 1
+            indices.append(index)
+    with torch.no_grad():
+        features = embed_images(model, dataset.select(indices), processor.image_processor, show_progress=False)
+        text = class_embeddings(model, processor.tokenizer, features.class_names, show_progress=False)
+    return model, processor.tokenizer, features, text
+
+
+def accuracies(model, features, text, forget):
+    with torch.no_grad():
+        logits = zero_shot_logits(project_image_features(model, features), text)
+    return score_predictions(logits.argmax(dim=-1), features, forget)
+
+
+def forget_by_name(pacs, forget, **options):
+    model, tokenizer, features, text = pacs
+    before = accuracies(model, features, text, forget)
+    edited = add_forget_adapter(model, forget, tokenizer, show_progress=False, **options)
+    try:
+        after = accuracies(edited, features, text, forget)
+    finally:
+        edited.unload()  # the module-scoped model goes back to its original weights
+    return before, after
+
+
+def test_the_demo_model_recognises_pacs_in_every_domain(pacs):
+    model, _, features, text = pacs
+    report = accuracies(model, features, text, [])
+    assert report.accuracy >= 0.7
+    for domain in features.domain_names:
+        cells = [v for k, v in report.per_domain_class.items() if k.startswith(f"{domain}/")]
+        assert sum(cells) / len(cells) >= 0.6, domain
+
+
+@pytest.mark.parametrize("method", ["nullspace", "ccup"])
+@pytest.mark.parametrize("forget", [["person"], ["house"], ["guitar", "person", "giraffe"]])
+def test_naming_the_other_classes_forgets_in_every_domain_and_keeps_the_rest(pacs, method, forget):
+    others = [name for name in pacs[2].class_names if name not in forget]
+    before, after = forget_by_name(pacs, forget, method=method, retain_classes=others)
+    assert before.forget_accuracy >= 0.8  # there was something to forget
+    assert after.forget_accuracy <= 0.02
+    forgotten_cells = [v for k, v in after.per_domain_class.items() if k.split("/", 1)[1] in forget]
+    assert max(forgotten_cells) <= 1 / PER_CELL  # at most one image left in any (domain, class) cell
+    assert after.retain_accuracy >= before.retain_accuracy - 0.02
+
+
+def test_keeping_the_shared_direction_is_what_removes_the_residue(pacs):
+    """Plain nullspace (no retain classes) leaves photo "person"s recognised; keeping the shared direction does not."""
+    _, plain = forget_by_name(pacs, ["person"])
+    others = [name for name in pacs[2].class_names if name != "person"]
+    _, shared = forget_by_name(pacs, ["person"], retain_classes=others)
+    assert plain.forget_accuracy >= 0.05 and shared.forget_accuracy <= 0.02
+    assert plain.per_domain_class["photo/person"] > shared.per_domain_class["photo/person"]
