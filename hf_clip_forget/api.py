@@ -29,14 +29,20 @@ from ._version import __version__
 from .core import (
     DEFAULT_RANK_TOLERANCE,
     EDIT_METHODS,
+    DomainCell,
     EditFactors,
     build_edit_factors,
     check_tokenizer_fits,
     class_text_embeddings,
     encode_prompts,
     normalize_rows,
+    plan_domain_edit,
     resolve_templates,
+    synthesize_prototypes,
     validate_class_names,
+)
+from .core import (
+    domain_templates as templates_of_domain,
 )
 from .core.fingerprint import fingerprint_weight
 from .core.subspace import check_alpha, check_nonnegative
@@ -200,7 +206,7 @@ def add_forget_adapter(
     *,
     retain_classes: Sequence[str] | None = None,
     alpha: float = 1.0,
-    method: str = "nullspace",
+    method: str | None = None,
     templates: str | Sequence[str] | None = None,
     average_templates: bool = True,
     target: str = "visual",
@@ -210,6 +216,14 @@ def add_forget_adapter(
     ccup_lambda: float = 1000.0,
     ccup_mu: float = 100.0,
     keep_shared_direction: bool | None = None,
+    domains: Sequence[str] | None = None,
+    retain_domains: Sequence[str] | None = None,
+    paradigm: str | None = None,
+    domain_templates: dict[str, Sequence[str]] | None = None,
+    prototypes: int = 0,
+    retain_prototypes: int = 0,
+    prototype_options: dict[str, Any] | None = None,
+    image_processor=None,
     rank_tolerance: float = DEFAULT_RANK_TOLERANCE,
     batch_size: int = 256,
     show_progress: bool = True,
@@ -232,7 +246,8 @@ def add_forget_adapter(
         alpha: nullspace strength in [0, 1]; the forget component of every image embedding is scaled by
             ``1 − alpha``.
         method: ``"nullspace"`` (``I − α QQᵀ``) or ``"ccup"`` (keeps ``retain_classes``; weights ``ccup_lambda`` λ
-            and ``ccup_mu`` μ).
+            and ``ccup_mu`` μ). Default: ``"ccup"`` for the domain paradigms (a nullspace cannot keep the class in
+            the other domains), ``"nullspace"`` otherwise.
         templates: prompt templates: a list of format strings with one ``{}``, one string, or the name of a
             built-in set (``"imagenet"``, the default 80-template ensemble, or ``"single"``).
         average_templates: average each class's template embeddings into one direction (default) or keep one
@@ -246,8 +261,25 @@ def add_forget_adapter(
         keep_shared_direction: take the image-side forget directions orthogonal to the mean direction of all named
             classes (forget and retain), so that a forgotten class's logit drops to about the average logit instead
             of 0 while every other class keeps its common component. Default: on when ``retain_classes`` (or
-            ``retain_text_embeds``) are given. On the demo model this takes single-class nullspace forgetting from
+            ``retain_text_embeds``) are given and no ``prototypes`` are requested. On the demo model this takes single-class nullspace forgetting from
             up to 15 % residual accuracy to 0 % (``docs/forgetting.md``).
+        domains: image domains (e.g. ``["sketch"]``): with ``paradigm="domain"`` (the default once ``domains`` are
+            given) the classes are forgotten only there; with ``"global"`` their domain-conditioned prompts ("a sketch
+            of a dog.") join the forget subspace. See :mod:`hf_clip_forget.core.domains` for the three paradigms.
+        retain_domains: the domains where the classes must stay recognisable (required by ``paradigm="domain"``).
+        paradigm: ``"global"`` (everywhere), ``"domain"`` (only in ``domains``, kept in ``retain_domains``) or
+            ``"complete"`` (only in ``domains``, without protecting the classes elsewhere: a stronger erasure).
+        domain_templates: templates per domain, overriding the built-in ones (``DOMAIN_TEMPLATES``: photo,
+            art_painting, cartoon, sketch) and the generic ``"a {domain} of a {}."`` for others.
+        prototypes: synthesised visual prototypes per forget cell (0: text directions only). Their image
+            embeddings join the forget subspace: they cover the image side of the modality gap
+            (:func:`~hf_clip_forget.core.synthesize_prototypes`; about 20 s per 4 prototypes on a 2-core CPU for
+            the demo model).
+        retain_prototypes: prototypes per retain cell (0: none), joining the retain set.
+        prototype_options: keyword arguments for :func:`~hf_clip_forget.core.synthesize_prototypes` (``steps``,
+            ``seed``, ``learning_rate``, ``grid``, ``tv_weight``, ``jitter``, ``batch_size``); recorded in the config.
+        image_processor: the model's image processor (input size and normalisation of the prototypes); loaded
+            from the model's checkpoint when omitted and prototypes are requested.
         rank_tolerance: relative singular value under which a direction of the forget set counts as noise.
         batch_size: prompts per text-tower batch.
         show_progress: show a progress bar while embedding prompts.
@@ -273,6 +305,14 @@ def add_forget_adapter(
         ccup_lambda=ccup_lambda,
         ccup_mu=ccup_mu,
         keep_shared_direction=keep_shared_direction,
+        domains=domains,
+        retain_domains=retain_domains,
+        paradigm=paradigm,
+        domain_templates=domain_templates,
+        prototypes=prototypes,
+        retain_prototypes=retain_prototypes,
+        prototype_options=prototype_options,
+        image_processor=image_processor,
         rank_tolerance=rank_tolerance,
         batch_size=batch_size,
         show_progress=show_progress,
@@ -322,11 +362,36 @@ def _plan_adapter(
     ccup_lambda,
     ccup_mu,
     keep_shared_direction,
+    domains,
+    retain_domains,
+    paradigm,
+    domain_templates,
+    prototypes,
+    retain_prototypes,
+    prototype_options,
+    image_processor,
     rank_tolerance,
     batch_size,
     show_progress,
 ) -> _AdapterPlan:
     """Validate everything and compute the adapter's config and factors, without modifying ``model``."""
+    domain_aware = any(x is not None for x in (domains, retain_domains, paradigm)) or bool(
+        prototypes or retain_prototypes
+    )
+    if method is None:
+        method = "ccup" if (paradigm or ("domain" if domains else "global")) != "global" else "nullspace"
+    for name, value in (("prototypes", prototypes), ("retain_prototypes", retain_prototypes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"`{name}` must be an integer >= 0 (prototypes per cell), got {value!r}.")
+    if domain_aware and (text_embeds is not None or retain_text_embeds is not None):
+        raise ValueError(
+            "Domains and prototypes are built from class names; they cannot be combined with `text_embeds` / "
+            "`retain_text_embeds`. Pass class names, or drop the domain and prototype options."
+        )
+    if domain_aware and target != "visual":
+        raise ValueError(
+            "Domain-aware edits and visual prototypes act on the image side; use target='visual' (the default)."
+        )
     if method not in EDIT_METHODS:
         raise ValueError(f"`method` must be one of {list(EDIT_METHODS)}, got {method!r}.")
     if target not in TARGETS:
@@ -335,20 +400,6 @@ def _plan_adapter(
     check_nonnegative(ccup_lambda, "ccup_lambda")
     check_nonnegative(ccup_mu, "ccup_mu")
     check_nonnegative(rank_tolerance, "rank_tolerance")
-    has_retain = retain_classes is not None or retain_text_embeds is not None
-    if keep_shared_direction is None:
-        keep_shared_direction = has_retain and target != "text"
-    elif keep_shared_direction and target == "text":
-        raise ValueError(
-            "`keep_shared_direction` shapes the image-side edit; with target='text' there is none. Use "
-            "target='visual' or 'both', or drop `keep_shared_direction`."
-        )
-    elif keep_shared_direction and not has_retain:
-        raise ValueError(
-            "`keep_shared_direction=True` needs `retain_classes`: the shared direction is the mean of all named "
-            "classes (forget and retain). Pass the other classes the model should keep recognising."
-        )
-
     if isinstance(model, PeftModel) and not holds_forget_adapters(model):
         raise TypeError(
             f"{type(model).__name__} is a PeftModel of another kind; forget adapters cannot share a PeftModel with "
@@ -361,14 +412,6 @@ def _plan_adapter(
     shapes = {name: _projection_shape(base, name) for name in modules}
     dim = _projection_shape(base, "text_projection")[0] if hasattr(base, "text_projection") else None
     dim = dim or next(iter(shapes.values()))[0]
-
-    templates = resolve_templates(templates)
-    needs_text_tower = (
-        text_embeds is None or target != "visual" or (retain_classes is not None and retain_text_embeds is None)
-    )
-    if needs_text_tower:
-        tokenizer = resolve_tokenizer(base, tokenizer)
-        check_tokenizer_fits(base, tokenizer)
 
     if text_embeds is not None:
         forget = _check_embeddings(text_embeds, dim, "text_embeds")
@@ -384,21 +427,84 @@ def _plan_adapter(
         overlap = sorted(set(classes) & set(retain_classes))
         if overlap:
             raise ValueError(f"{overlap} are both forgotten and retained; a class must be in only one of the lists.")
+    plan = None
+    if domain_aware:
+        plan = plan_domain_edit(
+            classes, domains=domains, retain_domains=retain_domains, retain_classes=retain_classes, paradigm=paradigm
+        )
+        for domain in {cell.domain for cell in plan.forget + plan.retain} - {None}:
+            templates_of_domain(domain, domain_templates)  # unknown overrides and bad domain names fail here
 
-    def embed(names: list[str]) -> Tensor:
+    has_retain = retain_classes is not None or retain_text_embeds is not None or bool(plan and plan.retain)
+    if keep_shared_direction is None:
+        # with prototypes, the text-side shared direction would keep the forgotten class's share while the
+        # prototypes' image-side common component is removed from every image (measured in docs/domains.md)
+        keep_shared_direction = has_retain and target != "text" and not prototypes
+    elif keep_shared_direction and target == "text":
+        raise ValueError(
+            "`keep_shared_direction` shapes the image-side edit; with target='text' there is none. Use "
+            "target='visual' or 'both', or drop `keep_shared_direction`."
+        )
+    elif keep_shared_direction and not has_retain:
+        raise ValueError(
+            "`keep_shared_direction=True` needs `retain_classes`: the shared direction is the mean of all named "
+            "classes (forget and retain). Pass the other classes the model should keep recognising."
+        )
+
+    templates = resolve_templates(templates)
+    needs_text_tower = (
+        text_embeds is None or target != "visual" or (retain_classes is not None and retain_text_embeds is None)
+    )
+    if needs_text_tower:
+        tokenizer = resolve_tokenizer(base, tokenizer)
+        check_tokenizer_fits(base, tokenizer)
+    prototype_settings = dict(prototype_options or {})
+    if prototypes or retain_prototypes:
+        unknown = sorted(set(prototype_settings) - PROTOTYPE_OPTIONS)
+        if unknown:
+            raise ValueError(f"Unknown `prototype_options` {unknown}; accepted: {sorted(PROTOTYPE_OPTIONS)}.")
+        image_processor = _resolve_image_processor(base, image_processor)
+
+    def embed(names: list[str], cell_templates: list[str] = templates) -> Tensor:
         return class_text_embeddings(
-            base, tokenizer, names, templates, average_templates, batch_size, show_progress
+            base, tokenizer, names, cell_templates, average_templates, batch_size, show_progress
         ).embeddings
+
+    def embed_cells(cells: Sequence[DomainCell]) -> Tensor:
+        by_domain: dict[str | None, list[str]] = {}
+        for cell in cells:
+            by_domain.setdefault(cell.domain, []).append(cell.class_name)
+        return torch.cat(
+            [
+                embed(names, templates if domain is None else templates_of_domain(domain, domain_templates))
+                for domain, names in by_domain.items()
+            ]
+        )
+
+    def prototype_embeddings(rows: Tensor, count: int) -> Tensor:
+        found = synthesize_prototypes(
+            base, rows, per_target=count, show_progress=show_progress, **_prototype_geometry(image_processor),
+            **prototype_settings,
+        )  # fmt: skip
+        return found.embeddings.to(rows.dtype)
 
     context = model.base_model.edits_bypassed() if wrapped else contextlib.nullcontext()
     with context, torch.no_grad():
-        if text_embeds is None:
-            forget = embed(classes)
         retain = None
-        if retain_text_embeds is not None:
-            retain = _check_embeddings(retain_text_embeds, dim, "retain_text_embeds")
-        elif retain_classes is not None:
-            retain = embed(retain_classes)
+        if plan is not None:
+            forget = embed_cells(plan.forget)
+            retain = embed_cells(plan.retain) if plan.retain else None
+            if retain_prototypes and retain is not None:
+                retain = torch.cat([retain, prototype_embeddings(retain, retain_prototypes)])
+            if prototypes:
+                forget = torch.cat([forget, prototype_embeddings(forget, prototypes)])
+        else:
+            if text_embeds is None:
+                forget = embed(classes)
+            if retain_text_embeds is not None:
+                retain = _check_embeddings(retain_text_embeds, dim, "retain_text_embeds")
+            elif retain_classes is not None:
+                retain = embed(retain_classes)
         anchor = None
         if target != "visual":
             # the bare templates ("a photo of a ."): where forgotten prompts are sent on the text side
@@ -410,7 +516,11 @@ def _plan_adapter(
     factors: dict[str, EditFactors] = {}
     if "visual_projection" in modules:
         factors["visual_projection"] = build_edit_factors(
-            method, forget, retain, rtol=rank_tolerance, keep_shared_direction=keep_shared_direction
+            method,
+            forget,
+            retain,
+            rtol=rank_tolerance,
+            keep_shared_direction=keep_shared_direction,
         )
     if "text_projection" in modules:
         factors["text_projection"] = build_edit_factors(method, forget, retain, anchor, rtol=rank_tolerance)
@@ -422,6 +532,16 @@ def _plan_adapter(
         ccup_lambda=float(ccup_lambda),
         ccup_mu=float(ccup_mu),
         keep_shared_direction=bool(keep_shared_direction),
+        paradigm=plan.paradigm if plan is not None else "global",
+        domains=list(domains or []),
+        retain_domains=list(retain_domains or []),
+        domain_templates={
+            domain: templates_of_domain(domain, domain_templates)
+            for domain in dict.fromkeys(c.domain for c in (plan.forget + plan.retain if plan else ()) if c.domain)
+        },
+        prototypes=int(prototypes),
+        retain_prototypes=int(retain_prototypes),
+        prototype_options=prototype_settings if (prototypes or retain_prototypes) else {},
         rank_pattern={name: int(f.forget.shape[1]) for name, f in factors.items()},
         retain_rank_pattern={name: int(f.retain.shape[1]) for name, f in factors.items() if f.retain is not None},
         projection_shapes={name: list(shape) for name, shape in shapes.items()},
@@ -519,6 +639,39 @@ def _check_embeddings(embeds, dim: int, argument: str) -> Tensor:
     if (embeds.norm(dim=1) == 0).any():
         raise ValueError(f"`{argument}` contains an all-zero row, which has no direction to forget.")
     return normalize_rows(embeds)
+
+
+PROTOTYPE_OPTIONS = {"steps", "learning_rate", "grid", "tv_weight", "jitter", "batch_size", "seed"}
+
+
+def _resolve_image_processor(model, image_processor):
+    if image_processor is not None:
+        if not callable(image_processor) or not hasattr(image_processor, "image_mean"):
+            raise TypeError(
+                f"`image_processor` must be a transformers image processor, got {type(image_processor).__name__}."
+            )
+        return image_processor
+    from transformers import AutoImageProcessor
+
+    return load_from_model_checkpoint(model, AutoImageProcessor, "image_processor")
+
+
+def _prototype_geometry(image_processor) -> dict[str, Any]:
+    """Input size and normalisation of the model's images, from its image processor."""
+    size = None
+    for attribute in ("crop_size", "size"):
+        value = getattr(image_processor, attribute, None)
+        value = dict(value) if value is not None and not isinstance(value, int) else value
+        if isinstance(value, int):
+            size = value
+        elif value:
+            size = value.get("height") or value.get("shortest_edge")
+        if size:
+            break
+    if not size:
+        raise ValueError("Could not read the input size from `image_processor` (crop_size/size); pass another one.")
+    return {"image_size": int(size), "image_mean": list(image_processor.image_mean),
+            "image_std": list(image_processor.image_std)}  # fmt: skip
 
 
 def resolve_tokenizer(model, tokenizer):

@@ -81,6 +81,12 @@ def command_forget(args) -> int:
         templates=_templates(args.templates),
         target=args.target,
         keep_shared_direction=False if args.no_keep_shared_direction else None,
+        domains=_split(args.domains),
+        retain_domains=_split(args.retain_domains),
+        paradigm=args.paradigm,
+        prototypes=args.prototypes,
+        prototype_options={"steps": args.prototype_steps, "seed": args.seed} if args.prototypes else None,
+        image_processor=image_processor if args.prototypes else None,
     )
     if args.merge:
         edited.save_merged_pretrained(args.output)
@@ -157,7 +163,9 @@ def command_sweep(args) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
-                {"classes": classes, "retain_classes": retain, "before": before.to_dict(), "sweep": rows}, handle, indent=2
+                {"classes": classes, "retain_classes": retain, "before": before.to_dict(), "sweep": rows},
+                handle,
+                indent=2,
             )
     return 0
 
@@ -272,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(CCUP also keeps each of them)",
     )
     forget.add_argument("--alpha", type=float, default=1.0, help="nullspace strength in [0, 1]")
-    forget.add_argument("--method", choices=["nullspace", "ccup"], default="nullspace")
+    forget.add_argument(
+        "--method",
+        choices=["nullspace", "ccup"],
+        default=None,
+        help="default: ccup with --domains (paradigm domain/complete), nullspace otherwise",
+    )
     forget.add_argument("--target", choices=["visual", "text", "both"], default="visual")
     forget.add_argument("--templates", nargs="+", default=None, help="'imagenet', 'single' or format strings with {}")
     forget.add_argument(
@@ -280,6 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove the forget classes' full embeddings, shared direction included (the default with no retain classes)",
     )
+    forget.add_argument(
+        "--domains", default=None, help="forget only in these domains, e.g. 'sketch' (comma-separated)"
+    )
+    forget.add_argument(
+        "--retain-domains", default=None, help="domains where the classes stay recognisable (paradigm 'domain')"
+    )
+    forget.add_argument(
+        "--paradigm",
+        choices=["global", "domain", "complete"],
+        default=None,
+        help="global: everywhere; domain: only in --domains, kept in --retain-domains; complete: only in --domains, "
+        "without protecting the classes elsewhere (default: domain with --domains, else global)",
+    )
+    forget.add_argument(
+        "--prototypes", type=int, default=0, help="synthesised visual prototypes per forget cell (0: text only)"
+    )
+    forget.add_argument("--prototype-steps", type=int, default=60, help="optimisation steps per prototype")
+    forget.add_argument("--seed", type=int, default=0, help="seed of the prototypes")
     forget.add_argument("--output", required=True, help="directory to save to")
     forget.add_argument("--merge", action="store_true", help="save the full model with the edit merged")
     forget.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this Hub repo")

@@ -134,7 +134,10 @@ def geometry(model, features, text) -> dict[str, float]:
         "image_true_class_cosine_mean": cosines[torch.arange(len(image)), features.labels].mean().item(),
         "images_with_no_positive_wrong_class": (
             cosines.scatter(1, features.labels[:, None], -2.0).max(dim=1).values <= 0
-        ).float().mean().item(),
+        )
+        .float()
+        .mean()
+        .item(),
         "class_class_cosine_mean": between[off_diagonal].mean().item(),
     }
 
@@ -192,7 +195,9 @@ def main() -> None:
                     domains[f"{name}: {', '.join(forget)} ({variant})"] = per_domain(rows[-1])
         single = sets[0]
         alphas = [float(a) for a in args.alphas.split(",")]
-        sweeps[name] = {v: [measure(model, features, text, single, v, alpha=a) for a in alphas] for v in SWEEP_VARIANTS}
+        sweeps[name] = {
+            v: [measure(model, features, text, single, v, alpha=a) for a in alphas] for v in SWEEP_VARIANTS
+        }
         if args.plot_dir:
             title = f"{name}: forgetting {single[0]!r} ({args.model} model)"
             path = os.path.join(args.plot_dir, f"{name}_alpha_sweep.png")
@@ -224,13 +229,19 @@ def main() -> None:
         for variant, sweep in by_variant.items():
             print(f"\nα sweep, {name}, {variant}, forgetting {sweep[0]['forget']}:")
             for r in sweep:
-                print(f"  α={r['alpha']:<5} forget {100 * r['forget_after']:5.1f}%  retain {100 * r['retain_after']:5.1f}%")
+                print(
+                    f"  α={r['alpha']:<5} forget {100 * r['forget_after']:5.1f}%  retain {100 * r['retain_after']:5.1f}%"
+                )
     if args.json:
         sweep_rows = [r for by_variant in sweeps.values() for sweep in by_variant.values() for r in sweep]
         for row in rows + sweep_rows:  # the per-domain tables above summarise these
             row.pop("per_domain_class_before"), row.pop("per_domain_class_after")
         with open(args.json, "w") as handle:
-            json.dump({"geometry": geometries, "summary": summary, "rows": rows, "per_domain": domains, "sweeps": sweeps}, handle, indent=2)
+            json.dump(
+                {"geometry": geometries, "summary": summary, "rows": rows, "per_domain": domains, "sweeps": sweeps},
+                handle,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

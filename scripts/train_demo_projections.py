@@ -26,27 +26,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hf_clip_forget.core import IMAGENET_TEMPLATES
+from hf_clip_forget.core import DOMAIN_TEMPLATES, IMAGENET_TEMPLATES, PHOTO_TEMPLATES
 from hf_clip_forget.models.demo import DEMO_PROJECTIONS_FILE, build_demo_towers, default_cache_dir
 
 
 DATASETS = ("cifar10", "pacs", "caltech101")
-PHOTO_TEMPLATES = (
-    "a photo of a {}.", "a photo of the {}.", "a good photo of a {}.", "a close-up photo of a {}.",
-    "a bright photo of a {}.", "a blurry photo of a {}.", "a cropped photo of the {}.", "a low resolution photo of a {}.",
-    "a photo of a small {}.", "a photo of a large {}.", "an image of a {}.", "a picture of a {}.", "a {}.",
-    "itap of a {}.", "a photo of my {}.", "a jpeg corrupted photo of a {}.",
-)  # fmt: skip
-# PACS domains → how a caption names them
-DOMAIN_TEMPLATES = {
-    "photo": PHOTO_TEMPLATES,
-    "art_painting": ("a painting of a {}.", "an oil painting of a {}.", "art of a {}.", "a painting of the {}.",
-                     "a watercolor painting of a {}.", "a rendition of a {}.", "an artwork showing a {}."),
-    "cartoon": ("a cartoon of a {}.", "a cartoon {}.", "a drawing of a cartoon {}.", "the cartoon {}.",
-                "a clip art of a {}.", "an illustration of a cartoon {}.", "a comic drawing of a {}."),
-    "sketch": ("a sketch of a {}.", "a pencil sketch of a {}.", "a black and white sketch of the {}.",
-               "a line drawing of a {}.", "a doodle of a {}.", "a drawing of a {}.", "a sketch of the {}."),
-}  # fmt: skip
+# PACS domains → how a caption names them: hf_clip_forget.core.DOMAIN_TEMPLATES (shared with domain forgetting)
 
 
 def load_split(data_dir: str, name: str, split: str) -> datasets.Dataset:

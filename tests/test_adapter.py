@@ -69,7 +69,8 @@ def test_ccup_keeps_retain_directions_within_its_bound(tokenizer, make_model):
     model = forget(
         base, tokenizer, method="ccup", retain_classes=retain, ccup_lambda=lam, ccup_mu=mu, keep_shared_direction=False
     )
-    m = model.base_model.model.visual_projection.combined_edit(["default"]).matrix().double()
+    # the text-space operator M (the image-side layer applies Mᵀ, see the next test)
+    m = model.base_model.model.visual_projection.combined_edit(["default"]).matrix().double().T
     shift = (m @ retain_dirs.T - retain_dirs.T).norm()
     assert shift <= (lam / mu) ** 0.5 * forget_dirs.norm()  # the stated tolerance
     nullspace = forget(make_model(), tokenizer).base_model.model.visual_projection.combined_edit(["default"])
@@ -87,6 +88,31 @@ def test_ccup_keeps_retain_directions_within_its_bound(tokenizer, make_model):
 
     assert objective(m) <= min(objective(eye), objective(p)) * (1 + 1e-6)
     assert model.peft_config["default"].retain_classes == retain
+
+
+def test_an_image_side_ccup_edit_gives_images_the_logits_of_the_edited_text_directions(make_model, tokenizer, pixels):
+    """Image embeddings v are edited by Mᵀ, so that every logit v'·t equals v·(M t): the forgotten classes' logits
+    are those of M T_f ≈ 0 and the retained ones those of M T_r ≈ T_r, for every image."""
+    base = make_model()
+    retain = ["bird", "frog", "ship", "truck"]
+    forget_dirs = class_embeddings(base, tokenizer, FORGET).double()
+    retain_dirs = class_embeddings(base, tokenizer, retain).double()
+    before = image_features(base, pixels).double()
+    model = forget(base, tokenizer, method="ccup", retain_classes=retain, keep_shared_direction=False)
+    m = model.base_model.model.visual_projection.combined_edit(["default"]).matrix().double().T
+    assert (m - m.T).abs().max() > 1e-3  # CCUP's M is not symmetric: the orientation matters
+    after = image_features(model, pixels).double()
+    scale = before.norm(dim=-1).max().item()
+    directions = torch.cat([forget_dirs, retain_dirs])
+    torch.testing.assert_close(after @ directions.T, before @ (m @ directions.T), atol=1e-5 * scale, rtol=0)
+    assert (after @ forget_dirs.T).abs().max() <= 0.25 * (
+        before @ forget_dirs.T
+    ).abs().max()  # tiny towers: close classes
+    # and the retained logits move less than under the plain nullspace projector
+    nullspace = image_features(forget(make_model(), tokenizer), pixels).double()
+    assert (after @ retain_dirs.T - before @ retain_dirs.T).norm() < (
+        nullspace @ retain_dirs.T - before @ retain_dirs.T
+    ).norm()
 
 
 def _shared_direction(*embeddings: torch.Tensor) -> torch.Tensor:
@@ -132,7 +158,7 @@ def test_ccup_with_the_shared_direction_kept_is_the_optimum_of_its_objective(mak
     lam, mu = 1000.0, 100.0
     model = forget(base, tokenizer, method="ccup", retain_classes=retain, ccup_lambda=lam, ccup_mu=mu)
     assert model.peft_config["default"].keep_shared_direction
-    m = model.base_model.model.visual_projection.combined_edit(["default"]).matrix().double()
+    m = model.base_model.model.visual_projection.combined_edit(["default"]).matrix().double().T
     eye = torch.eye(m.shape[0], dtype=torch.float64)
 
     def objective(x):

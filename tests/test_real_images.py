@@ -22,9 +22,7 @@ from hf_clip_forget.evaluation import (
 from hf_clip_forget.models.demo import load_demo_model
 
 
-DATA_DIR = os.environ.get(
-    "HF_CLIP_FORGET_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-)
+DATA_DIR = os.environ.get("HF_CLIP_FORGET_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 PACS_TEST = os.path.join(DATA_DIR, "pacs", "test.parquet")
 PER_CELL = 6  # images per (domain, class): 168 images, ~15 s of feature extraction on a 2-core CPU
 

@@ -3,7 +3,9 @@
 Works on tensors (and on a model only through ``get_text_features``); imports nothing from peft.
 """
 
+from .domains import PARADIGMS, DomainCell, DomainPlan, plan_domain_edit
 from .factors import EditFactors, build_edit_factors
+from .prototypes import VisualPrototypes, synthesize_prototypes
 from .subspace import (
     DEFAULT_RANK_TOLERANCE,
     EDIT_METHODS,
@@ -18,7 +20,17 @@ from .subspace import (
     remove_span,
     shared_direction,
 )
-from .templates import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, TEMPLATE_SETS, fill_templates, resolve_templates
+from .templates import (
+    DOMAIN_TEMPLATES,
+    IMAGENET_TEMPLATES,
+    PHOTO_TEMPLATES,
+    SINGLE_TEMPLATE,
+    TEMPLATE_SETS,
+    domain_templates,
+    fill_templates,
+    generic_domain_templates,
+    resolve_templates,
+)
 from .text_embeddings import (
     ClassTextEmbeddings,
     check_tokenizer_fits,
@@ -30,27 +42,37 @@ from .text_embeddings import (
 
 __all__ = [
     "DEFAULT_RANK_TOLERANCE",
+    "DOMAIN_TEMPLATES",
     "EDIT_METHODS",
     "IMAGENET_TEMPLATES",
+    "PARADIGMS",
+    "PHOTO_TEMPLATES",
     "SINGLE_TEMPLATE",
     "TEMPLATE_SETS",
     "ClassTextEmbeddings",
+    "DomainCell",
+    "DomainPlan",
     "EditFactors",
     "EditSpec",
     "LowRankEdit",
+    "VisualPrototypes",
     "build_edit_factors",
     "ccup_edit",
     "check_tokenizer_fits",
     "class_text_embeddings",
     "compose_edits",
+    "domain_templates",
     "encode_prompts",
     "fill_templates",
+    "generic_domain_templates",
     "gram_factor",
     "normalize_rows",
     "nullspace_edit",
     "orthonormal_basis",
+    "plan_domain_edit",
     "remove_span",
     "resolve_templates",
     "shared_direction",
+    "synthesize_prototypes",
     "validate_class_names",
 ]

@@ -67,15 +67,15 @@ def build_edit_factors(
                 "`keep_shared_direction` needs the retain classes: the shared direction is the mean of all named "
                 "classes. Pass `retain_classes` (e.g. the other candidate classes), or keep_shared_direction=False."
             )
-        shared = shared_direction(torch.cat([forget, retain]))
-        distinctive = remove_span(forget, shared[:, None])
+        basis = shared_direction(torch.cat([forget, retain]))[:, None]
+        distinctive = remove_span(forget, basis)
         if (distinctive.norm(dim=1) < 1e-6).any():
             raise ValueError(
                 "A forget embedding is parallel to the direction all classes share, so it cannot be removed while "
                 "that direction is kept; pass keep_shared_direction=False."
             )
         forget = normalize_rows(distinctive)
-        retain = torch.cat([retain, shared[None, :]])
+        retain = torch.cat([retain, basis.T])
     if anchor_embeds is not None:
         kept_rows = normalize_rows(anchor_embeds)
         if retain is not None:

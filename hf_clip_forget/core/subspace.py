@@ -172,6 +172,15 @@ class LowRankEdit:
         """``M W`` for a ``(d, n_in)`` weight, computed in the dtype of the factors."""
         return weight - self.left @ (self.right.T @ weight)
 
+    def transposed(self) -> LowRankEdit:
+        """``Mᵀ = I − V Uᵀ``.
+
+        The methods define ``M`` on *text* directions (``M T_f ≈ 0``, ``M T_r ≈ T_r``). Applied to image embeddings
+        ``v`` a logit is ``(M' v)·t = v·(M'ᵀ t)``, so the image-side edit that gives every image the logits of the
+        edited text directions is ``M' = Mᵀ``. Projectors (nullspace) are symmetric; CCUP's ``M`` is not.
+        """
+        return LowRankEdit(self.right, self.left)
+
     def then(self, outer: LowRankEdit) -> LowRankEdit:
         """The composition ``outer ∘ self``, i.e. ``M_outer M_self``, again in low-rank form:
         ``(I − U₂V₂ᵀ)(I − U₁V₁ᵀ) = I − [U₂, U₁ − U₂(V₂ᵀU₁)] [V₂, V₁]ᵀ``."""

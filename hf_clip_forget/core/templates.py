@@ -38,6 +38,39 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"single": SINGLE_TEMPLATE, "imagenet": IMAGENET_TEMPLATES}
 
+# Domain-conditioned templates ("a sketch of a {}."): how a caption names an image domain. PACS's four domains are
+# built in (the demo model was trained with these captions); any other domain gets `generic_domain_templates`.
+PHOTO_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.", "a photo of the {}.", "a good photo of a {}.", "a close-up photo of a {}.",
+    "a bright photo of a {}.", "a blurry photo of a {}.", "a cropped photo of the {}.", "a low resolution photo of a {}.",
+    "a photo of a small {}.", "a photo of a large {}.", "an image of a {}.", "a picture of a {}.", "a {}.",
+    "itap of a {}.", "a photo of my {}.", "a jpeg corrupted photo of a {}.",
+)  # fmt: skip
+DOMAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "photo": PHOTO_TEMPLATES,
+    "art_painting": ("a painting of a {}.", "an oil painting of a {}.", "art of a {}.", "a painting of the {}.",
+                     "a watercolor painting of a {}.", "a rendition of a {}.", "an artwork showing a {}."),
+    "cartoon": ("a cartoon of a {}.", "a cartoon {}.", "a drawing of a cartoon {}.", "the cartoon {}.",
+                "a clip art of a {}.", "an illustration of a cartoon {}.", "a comic drawing of a {}."),
+    "sketch": ("a sketch of a {}.", "a pencil sketch of a {}.", "a black and white sketch of the {}.",
+               "a line drawing of a {}.", "a doodle of a {}.", "a drawing of a {}.", "a sketch of the {}."),
+}  # fmt: skip
+
+
+def generic_domain_templates(domain: str) -> tuple[str, ...]:
+    """Templates for a domain without built-in ones: ``"a {domain} of a {}."`` and two variants."""
+    words = domain.replace("_", " ").strip()
+    if not words or "{" in words or "}" in words:
+        raise ValueError(f"Domain names must be non-blank text without braces, got {domain!r}.")
+    return (f"a {words} of a {{}}.", f"a {words} of the {{}}.", f"a {words} image of a {{}}.")
+
+
+def domain_templates(domain: str, overrides: dict[str, Sequence[str]] | None = None) -> list[str]:
+    """The templates that condition a prompt on ``domain``: ``overrides[domain]``, the built-in ones, or generic."""
+    if overrides and domain in overrides:
+        return resolve_templates(list(overrides[domain]))
+    return list(DOMAIN_TEMPLATES.get(domain) or generic_domain_templates(domain))
+
 
 def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
     """Return the template list for ``templates`` and check that each has exactly one ``{}``.

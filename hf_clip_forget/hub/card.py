@@ -163,8 +163,24 @@ def _adapter_row(name: str, config, active: bool) -> dict:
         "targets": ", ".join(f"`{m}`" for m in _modules(config)),
         "templates": described,
         "retain": ", ".join(escape_markdown(c) for c in config.retain_classes) or "–",
+        "where": _where(config),
+        "kept_domains": ", ".join(escape_markdown(d) for d in config.retain_domains) or "–",
+        "prototypes": (
+            f"{config.prototypes} per forget cell"
+            + (f", {config.retain_prototypes} per retain cell" if config.retain_prototypes else "")
+            if config.prototypes or config.retain_prototypes
+            else "none (text only)"
+        ),
         "active": active,
     }
+
+
+def _where(config) -> str:
+    """Where the classes are forgotten: everywhere (global) or in the named domains (paradigm)."""
+    domains = ", ".join(escape_markdown(d) for d in config.domains)
+    if config.paradigm == "global":
+        return "everywhere" + (f" (prompts of {domains} included)" if domains else "")
+    return f"only in {domains} ({config.paradigm})"
 
 
 def _method_notes(configs) -> str:
@@ -179,6 +195,17 @@ def _method_notes(configs) -> str:
         notes.append(
             "*ccup*: `W' = M W` with `M = argmin ‖M − I‖² + λ‖M T_f‖² + μ‖M T_r − T_r‖²` (closed form), which also "
             "keeps the retained classes' directions."
+        )
+    if any(config.paradigm != "global" for config in configs):
+        notes.append(
+            '*domain paradigms*: the forget subspace is built from domain-conditioned prompts ("a sketch of a dog."); '
+            "*domain* keeps the same classes in the other domains through CCUP's retain term, *complete* does not "
+            "protect them (a stronger erasure in the named domains)."
+        )
+    if any(config.prototypes for config in configs):
+        notes.append(
+            "*visual prototypes*: images synthesised (seeded) so that their image embedding matches each forget "
+            "prompt; their embeddings join the forget subspace and cover the image side of the modality gap."
         )
     if any(config.keep_shared_direction for config in configs):
         notes.append(

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
+from ...core.domains import PARADIGMS
 from ...core.subspace import DEFAULT_RANK_TOLERANCE, EDIT_METHODS, check_alpha, check_nonnegative
 from .registration import PEFT_TYPE, SAVED_PEFT_TYPE
 
@@ -34,6 +35,20 @@ class ProjectionEditConfig(PeftConfig):
             Whether the image-side forget directions were taken orthogonal to the direction all named classes share
             (the mean of the forget and retain class embeddings), so that a forgotten class's logit falls to about
             the mean logit rather than to 0 (see `hf_clip_forget.core.shared_direction`).
+        paradigm (`str`, defaults to `"global"`):
+            `"global"`, `"domain"` or `"complete"` (see `hf_clip_forget.core.domains`).
+        domains (`list[str]`):
+            Domains the classes are forgotten in (or, for `"global"`, whose prompts joined the forget subspace).
+        retain_domains (`list[str]`):
+            Domains where the classes were kept.
+        domain_templates (`dict[str, list[str]]`):
+            The templates used for each domain.
+        prototypes (`int`, defaults to 0):
+            Synthesised visual prototypes per forget cell that joined the forget subspace (0: text only).
+        retain_prototypes (`int`, defaults to 0):
+            Prototypes per retain cell that joined the retain set.
+        prototype_options (`dict`):
+            Settings of the prototype synthesis (steps, seed, ...).
         ccup_lambda (`float`, defaults to 1000.0):
             CCUP weight λ ≥ 0 of the forget term; larger forgets harder.
         ccup_mu (`float`, defaults to 100.0):
@@ -82,6 +97,13 @@ class ProjectionEditConfig(PeftConfig):
         default=False,
         metadata={"help": "Image-side forget directions orthogonal to the mean direction of all named classes."},
     )
+    paradigm: str = field(default="global", metadata={"help": "'global', 'domain' or 'complete'."})
+    domains: list = field(default_factory=list, metadata={"help": "Domains the classes are forgotten in."})
+    retain_domains: list = field(default_factory=list, metadata={"help": "Domains where the classes are kept."})
+    domain_templates: dict = field(default_factory=dict, metadata={"help": "Templates used per domain."})
+    prototypes: int = field(default=0, metadata={"help": "Visual prototypes per forget cell (0: text only)."})
+    retain_prototypes: int = field(default=0, metadata={"help": "Visual prototypes per retain cell."})
+    prototype_options: dict = field(default_factory=dict, metadata={"help": "Prototype synthesis settings."})
     ccup_lambda: float = field(default=1000.0, metadata={"help": "CCUP forget weight λ >= 0."})
     ccup_mu: float = field(default=100.0, metadata={"help": "CCUP retain weight μ >= 0."})
     rank_pattern: dict = field(
@@ -95,7 +117,9 @@ class ProjectionEditConfig(PeftConfig):
         default_factory=dict, metadata={"help": "[out_features, in_features] of each target module at build time."}
     )
     forgotten_classes: list = field(default_factory=list, metadata={"help": "Class names this adapter forgets."})
-    retain_classes: list = field(default_factory=list, metadata={"help": "Class names kept (CCUP, shared direction, text side)."})
+    retain_classes: list = field(
+        default_factory=list, metadata={"help": "Class names kept (CCUP, shared direction, text side)."}
+    )
     templates: list = field(default_factory=list, metadata={"help": "Prompt templates used to embed class names."})
     average_templates: bool = field(
         default=True, metadata={"help": "Whether template embeddings were averaged per class."}
@@ -147,6 +171,8 @@ class ProjectionEditConfig(PeftConfig):
             raise ValueError("ProjectionEditConfig wraps modules; `target_parameters` is not supported.")
         if self.method not in EDIT_METHODS:
             raise ValueError(f"`method` must be one of {list(EDIT_METHODS)}, got {self.method!r}.")
+        if self.paradigm not in PARADIGMS:
+            raise ValueError(f"`paradigm` must be one of {list(PARADIGMS)}, got {self.paradigm!r}.")
         check_alpha(self.alpha)
         check_nonnegative(self.ccup_lambda, "ccup_lambda")
         check_nonnegative(self.ccup_mu, "ccup_mu")

@@ -45,8 +45,10 @@ class ProjectionEditLayer(BaseTunerLayer):
         "projection_edit_settings",
     )
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, image_side: bool = True, **kwargs) -> None:
         self.base_layer = base_layer
+        # image-side layers apply Mᵀ so that logits v·t see M applied to the text directions (LowRankEdit.transposed)
+        self.image_side = image_side
         self.projection_edit_forget = BufferDict({}, persistent=True)
         self.projection_edit_retain = BufferDict({}, persistent=True)
         self.projection_edit_settings: dict[str, EditSettings] = {}
@@ -113,7 +115,8 @@ class ProjectionEditLayer(BaseTunerLayer):
         self._edit_cache.clear()
 
     def combined_edit(self, adapter_names: list[str]) -> LowRankEdit:
-        """The float32 edit ``M`` of the union of ``adapter_names`` (those present on this layer), cached."""
+        """The float32 edit of the union of ``adapter_names`` (those present on this layer), cached: ``M`` of
+        :func:`~hf_clip_forget.core.compose_edits` on a text-side layer, ``Mᵀ`` on an image-side one."""
         names = tuple(sorted(name for name in adapter_names if name in self.projection_edit_settings))
         device = self.get_base_layer().weight.device
         key = (names, device)
@@ -121,6 +124,7 @@ class ProjectionEditLayer(BaseTunerLayer):
             specs = [self._spec(name) for name in names]
             tolerance = min((self.projection_edit_settings[n].rank_tolerance for n in names), default=1e-5)
             edit = compose_edits(specs, self.out_features, rtol=tolerance)
+            edit = edit.transposed() if self.image_side else edit
             self._edit_cache[key] = edit.to(device=device, dtype=torch.float32)
         return self._edit_cache[key]
 
@@ -210,10 +214,11 @@ class Linear(nn.Module, ProjectionEditLayer):
         forget_rank: int,
         retain_rank: int = 0,
         inference_mode: bool = True,
+        image_side: bool = True,
         **kwargs,
     ) -> None:
         super().__init__()
-        ProjectionEditLayer.__init__(self, base_layer, **kwargs)
+        ProjectionEditLayer.__init__(self, base_layer, image_side=image_side, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=inference_mode)
 

@@ -102,17 +102,20 @@ class ProjectionEditModel(BaseTuner):
         if isinstance(target, ProjectionEditLayer):
             target.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=True)
             return
-        new_module = self._create_new_module(adapter_name, target, settings, forget_rank, retain_rank)
+        image_side = target_name != "text_projection"
+        new_module = self._create_new_module(adapter_name, target, settings, forget_rank, retain_rank, image_side)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
-    def _create_new_module(adapter_name, target, settings, forget_rank, retain_rank) -> Linear:
+    def _create_new_module(adapter_name, target, settings, forget_rank, retain_rank, image_side=True) -> Linear:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
             raise TypeError(f"Target module {target} is not supported: forget adapters wrap torch.nn.Linear layers.")
-        return Linear(target, adapter_name, settings, forget_rank, retain_rank, inference_mode=True)
+        return Linear(
+            target, adapter_name, settings, forget_rank, retain_rank, inference_mode=True, image_side=image_side
+        )
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for param in model.parameters():
