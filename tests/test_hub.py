@@ -128,7 +128,7 @@ def test_class_names_with_markdown_html_and_yaml_syntax_render_as_text(fake_hub)
     assert "<script>" not in text and "&lt;script&gt;" in text
     assert "**bold**" not in text and "[link](http" not in text
     row = next(line for line in text.splitlines() if line.startswith("| `default` |") and "script" in line)
-    assert row.replace("\\|", "").count("|") == 3  # the pipe in a name does not open a new cell
+    assert row.replace("\\|", "").count("|") == 6  # 5 cells: the pipe in a name does not open a new one
     assert escape_markdown("a\nb|c") == "a b\\|c"
 
 
