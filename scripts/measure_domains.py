@@ -55,6 +55,44 @@ def groups(before, after, forget_class, forget_domains, domains, classes) -> dic
     return result
 
 
+def plot_tradeoffs(rows: list[dict], path: str) -> None:
+    """Domain-specific forgetting: forgotten cells against the same class in kept domains, text vs +prototypes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({(r["class"], r["domains"][0]) for r in rows if r["paradigm"] == "domain"})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.3), squeeze=False)
+    for axis, (name, domain) in zip(axes[0], tasks, strict=True):
+        for prototypes, style in ((0, "o--"), (max(r["prototypes"] for r in rows), "s-")):
+            points = [
+                r for r in rows
+                if r["paradigm"] == "domain" and r["class"] == name and r["prototypes"] == prototypes
+            ]  # fmt: skip
+            points.sort(key=lambda r: -r["ccup_mu"])
+            xs = [100 * r["groups"]["forgotten cells"][1] for r in points]
+            ys = [100 * r["groups"]["same class, kept domains"][1] for r in points]
+            label = f"text + {prototypes} prototypes" if prototypes else "text only"
+            axis.plot(xs, ys, style, label=label)
+            for r, x, y in zip(points, xs, ys, strict=True):
+                axis.annotate(f"μ={r['ccup_mu']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        before = points[0]["groups"]
+        axis.plot(
+            [100 * before["forgotten cells"][0]], [100 * before["same class, kept domains"][0]], "k*", label="before"
+        )
+        axis.axvline(5, color="grey", lw=0.8, ls=":")
+        axis.set_title(f"{name} in {domain}", fontsize=9)
+        axis.set_xlabel(f"{domain}/{name} accuracy (%)", fontsize=8)
+        axis.set_ylabel(f"{name}, other domains (%)", fontsize=8)
+        axis.set_xlim(-3, 100), axis.set_ylim(-3, 100)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Domain-specific forgetting on PACS (demo model): ideal is bottom-left x, top y", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
@@ -64,7 +102,13 @@ def main() -> None:
     parser.add_argument("--mus", default="1000,100,10", help="CCUP retain weights μ to try (λ = 1000)")
     parser.add_argument("--quick", action="store_true", help="one task per paradigm, one μ")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="write the domain-specific trade-off plot (PNG) here")
+    parser.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from a saved --json")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as handle:
+            plot_tradeoffs(json.load(handle)["rows"], args.plot)
+        return
     torch.set_grad_enabled(False)
 
     model, tokenizer, image_processor = load_dual_encoder(args.model)
@@ -134,6 +178,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"before": before, "rows": rows}, handle, indent=2)
+    if args.plot:
+        plot_tradeoffs(rows, args.plot)
 
 
 if __name__ == "__main__":
