@@ -52,6 +52,8 @@ def cached_image_features(model, image_processor, data: str, split: str, name_or
     from .evaluation import ImageFeatures, embed_images, load_labelled_images
     from .models.demo import default_cache_dir
 
+    # one cache entry per file, however its path is spelled (the datasets fingerprint depends on the path string)
+    data = os.path.realpath(data) if os.path.exists(data) else data
     dataset = load_labelled_images(data, split=split)
     key = json.dumps([name_or_path, dataset._fingerprint, getattr(image_processor, "to_json_string", str)()])
     path = os.path.join(
