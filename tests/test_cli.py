@@ -5,6 +5,7 @@ import json
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
@@ -104,6 +105,23 @@ def test_sweep_draws_the_trade_off_plot(model_dir, data_file, tmp_path):
     assert result["retain_classes"] == ["dog", "bird", "ship"]  # the data's other class names define the shared part
     assert main([*args, "--json", str(out), "--no-cache", "--no-keep-shared-direction"]) == 0
     assert json.loads(out.read_text())["retain_classes"] is None
+
+
+def test_image_features_are_cached_once_however_the_data_path_is_spelled(model_dir, data_file, tmp_path, monkeypatch):
+    import os
+
+    import huggingface_hub.constants
+
+    from hf_clip_forget.cli import cached_image_features, load_dual_encoder
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "home"))
+    model, _, processor = load_dual_encoder(model_dir)
+    folder, name = os.path.split(data_file)
+    first = cached_image_features(model, processor, data_file, "test", model_dir)
+    spelled = os.path.join(folder, "..", os.path.basename(folder), name)
+    second = cached_image_features(model, processor, spelled, "test", model_dir)
+    assert len(os.listdir(tmp_path / "home" / "hf_clip_forget" / "features")) == 1
+    assert torch.equal(first.features, second.features)
 
 
 def test_bad_input_gets_a_clear_error(model_dir, data_file, tmp_path, capsys):
