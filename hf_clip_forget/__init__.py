@@ -10,7 +10,8 @@ when this package is imported) that can be merged, exactly unmerged, stacked, sa
 
 The package is layered; each layer imports only from the ones above it in this list:
 
-1. ``core/``     — math on tensors: templates, text embeddings, bases, projectors, CCUP, union (no peft);
+1. ``core/``     — math on tensors: templates, text embeddings, bases, projectors, CCUP, union, domain cells and
+   visual prototypes (no peft);
 2. ``tuners/``   — peft glue: ``ProjectionEditConfig``, the layer, the tuner, their registration;
 3. ``api.py``    — the user API: ``add_forget_adapter``, ``ForgetPeftModel``;
 4. ``hub/``      — model cards and ``push_to_hub`` (plugs into ``ForgetPeftModel``); ``evaluation/`` — the
@@ -24,7 +25,7 @@ The package is layered; each layer imports only from the ones above it in this l
 
 from ._version import __version__
 from .api import ForgetPeftModel, add_forget_adapter, install_model_methods
-from .core import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, LowRankEdit
+from .core import DOMAIN_TEMPLATES, IMAGENET_TEMPLATES, SINGLE_TEMPLATE, LowRankEdit, synthesize_prototypes
 from .hub import ForgetEvaluation, HubUploadError, push_to_hub
 from .tuners import ProjectionEditConfig, ProjectionEditModel
 
@@ -32,6 +33,7 @@ from .tuners import ProjectionEditConfig, ProjectionEditModel
 install_model_methods()
 
 __all__ = [
+    "DOMAIN_TEMPLATES",
     "IMAGENET_TEMPLATES",
     "SINGLE_TEMPLATE",
     "ForgetEvaluation",
@@ -43,4 +45,5 @@ __all__ = [
     "__version__",
     "add_forget_adapter",
     "push_to_hub",
+    "synthesize_prototypes",
 ]

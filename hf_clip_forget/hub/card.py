@@ -193,8 +193,9 @@ def _method_notes(configs) -> str:
         )
     if "ccup" in methods:
         notes.append(
-            "*ccup*: `W' = M W` with `M = argmin ‖M − I‖² + λ‖M T_f‖² + μ‖M T_r − T_r‖²` (closed form), which also "
-            "keeps the retained classes' directions."
+            "*ccup*: `M = argmin ‖M − I‖² + λ‖M T_f‖² + μ‖M T_r − T_r‖²` (closed form) on the text directions; the "
+            "image projection becomes `W' = Mᵀ W`, so every image's logits are those of the edited directions: the "
+            "forgotten classes' near 0, the retained classes' kept."
         )
     if any(config.paradigm != "global" for config in configs):
         notes.append(
