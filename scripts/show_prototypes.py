@@ -67,7 +67,7 @@ def main() -> None:
             axis.set_ylabel(f"{cells[row][1]}\n{cells[row][0]}", fontsize=8)
     fig.suptitle("Visual prototypes of the demo model (seeded; not real images)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(args.output, dpi=110)
+    fig.savefig(args.output, dpi=80)
     print(f"→ {args.output}")
 
 
