@@ -46,15 +46,6 @@ class VisualPrototypes:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def for_targets(self, rows: Sequence[int]) -> VisualPrototypes:
-        """The prototypes fitted to the given target rows (renumbered in the given order)."""
-        mask = torch.isin(self.targets, torch.tensor(list(rows), dtype=torch.int64))
-        remap = {row: i for i, row in enumerate(rows)}
-        targets = torch.tensor([remap[int(t)] for t in self.targets[mask]], dtype=torch.int64)
-        return VisualPrototypes(
-            self.features[mask], self.embeddings[mask], targets, self.similarity[mask], self.pixels[mask]
-        )
-
 
 def _total_variation(images: Tensor) -> Tensor:
     """Mean absolute difference of neighbouring pixels, per image."""
