@@ -13,7 +13,7 @@ The package is layered; each layer imports only from the ones above it in this l
 1. ``core/``     — math on tensors: templates, text embeddings, bases, projectors, CCUP, union, domain cells and
    visual prototypes (no peft);
 2. ``tuners/``   — peft glue: ``ProjectionEditConfig``, the layer, the tuner, their registration;
-3. ``api.py``    — the user API: ``add_forget_adapter``, ``ForgetPeftModel``;
+3. ``api/``      — the user API: ``add_forget_adapter``, ``ForgetPeftModel``, ``verify_forget_adapter``;
 4. ``hub/``      — model cards and ``push_to_hub`` (plugs into ``ForgetPeftModel``); ``evaluation/`` — the
    zero-shot harness (imported on demand: it loads ``evaluate``);
 5. ``cli.py``    — the ``hf-clip-forget`` command.
@@ -23,8 +23,9 @@ The package is layered; each layer imports only from the ones above it in this l
 ``testing_utils.py`` builds tiny random models and tokenizers for tests and examples (no downloads).
 """
 
+from . import models  # noqa: F401  (registers the demo model's towers with transformers' Auto classes)
 from ._version import __version__
-from .api import ForgetPeftModel, add_forget_adapter, install_model_methods
+from .api import ForgetPeftModel, VerificationReport, add_forget_adapter, install_model_methods, verify_forget_adapter
 from .core import DOMAIN_TEMPLATES, IMAGENET_TEMPLATES, SINGLE_TEMPLATE, LowRankEdit, synthesize_prototypes
 from .hub import ForgetEvaluation, HubUploadError, push_to_hub
 from .tuners import ProjectionEditConfig, ProjectionEditModel
@@ -42,8 +43,10 @@ __all__ = [
     "LowRankEdit",
     "ProjectionEditConfig",
     "ProjectionEditModel",
+    "VerificationReport",
     "__version__",
     "add_forget_adapter",
     "push_to_hub",
     "synthesize_prototypes",
+    "verify_forget_adapter",
 ]

@@ -17,6 +17,8 @@ LAYERS = {
     "evaluation": 4,
     "cli": 5,
     "testing_utils": 1,
+    "files": 1,
+    "families": 1,
     "_version": 1,
     "__init__": 6,
 }

@@ -254,6 +254,23 @@ class EditSpec:
     ccup_lambda: float = 1.0
     ccup_mu: float = 0.0
 
+    def __post_init__(self):
+        for role, factor in (("forget", self.forget), ("retain", self.retain)):
+            if factor is None:
+                continue
+            if not torch.isfinite(factor).all():
+                raise ValueError(
+                    f"The {role} factor of adapter {self.name!r} contains NaN or inf values: the adapter is broken "
+                    "(corrupted file or a failed build). Delete it and build or load it again."
+                )
+            if factor.shape[1] and (factor.abs().amax(dim=0) == 0).any():
+                raise ValueError(
+                    f"The {role} factor of adapter {self.name!r} has an all-zero column: its edit was never "
+                    "computed (it was created from a config without building it, or its weights were never loaded). "
+                    "Build forget adapters with `hf_clip_forget.add_forget_adapter` (or from a config that names "
+                    "its `forgotten_classes`), and load saved ones with `ForgetPeftModel.from_pretrained`."
+                )
+
 
 def compose_edits(specs: Sequence[EditSpec], dim: int, rtol: float = DEFAULT_RANK_TOLERANCE) -> LowRankEdit:
     """The edit of a stack of adapters: the **union** of their forget subspaces, never a product of projectors
@@ -302,8 +319,12 @@ def compose_edits(specs: Sequence[EditSpec], dim: int, rtol: float = DEFAULT_RAN
     weighted_retain = [
         (s.ccup_mu**0.5) * s.retain.to(torch.float64) for s in ccup_specs if s.retain is not None and s.ccup_mu > 0
     ]
-    ccup = _joint_ccup(weighted_forget, weighted_retain, dim, device)
-    return ccup.then(projector)
+    edit = _joint_ccup(weighted_forget, weighted_retain, dim, device).then(projector)
+    if not (torch.isfinite(edit.left).all() and torch.isfinite(edit.right).all()):
+        raise ValueError(
+            f"The combined edit of {[s.name for s in specs]} is not finite (CCUP weights too large for the factors?)."
+        )
+    return edit
 
 
 def _absolute_basis(columns: Tensor, tol: float) -> Tensor:

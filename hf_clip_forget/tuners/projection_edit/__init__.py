@@ -2,7 +2,7 @@
 
 from .config import ProjectionEditConfig
 from .layer import EditSettings, Linear, ProjectionEditLayer
-from .model import DEFAULT_TARGET_MODULES, ProjectionEditModel
+from .model import DEFAULT_TARGET_MODULES, ProjectionEditModel, loading_whole_stack
 from .registration import PEFT_TYPE, PREFIX, SAVED_PEFT_TYPE, ProjectionEditType, register_projection_edit
 
 
@@ -19,5 +19,6 @@ __all__ = [
     "ProjectionEditLayer",
     "ProjectionEditModel",
     "ProjectionEditType",
+    "loading_whole_stack",
     "register_projection_edit",
 ]

@@ -9,6 +9,11 @@ from ...core.subspace import DEFAULT_RANK_TOLERANCE, EDIT_METHODS, check_alpha, 
 from .registration import PEFT_TYPE, SAVED_PEFT_TYPE
 
 
+#: Largest accepted CCUP weight: beyond it the closed form's float32 factors overflow (λ = 1e160 gave NaN logits),
+#: and already at 1e8 the edit equals the hard projection to float32 precision.
+MAX_CCUP_WEIGHT = 1e8
+
+
 @dataclass
 class ProjectionEditConfig(PeftConfig):
     """Configuration of a forget adapter: a closed-form edit ``W' = M W`` of a dual encoder's projection layers.
@@ -74,6 +79,12 @@ class ProjectionEditConfig(PeftConfig):
             Relative singular-value threshold below which directions were dropped from the bases.
         embedding_source (`str`, defaults to `"class_names"`):
             `"class_names"` (embedded with the model's text tower) or `"text_embeds"` (vectors given by the user).
+        stack (`list[str]`):
+            When saved as part of a stack: the names of every adapter saved together, this one first. A stack is
+            loaded whole by `ForgetPeftModel.from_pretrained`; plain peft would load only this one, so it refuses.
+        factor_checksums (`dict[str, str]`):
+            sha256 of each stored factor (`"<module>.forget"`, `"<module>.retain"`), recorded on save and checked
+            on load, so that corrupted or altered factors are refused.
         base_fingerprints (`dict[str, dict]`):
             Fingerprint of each projection weight of the base model the adapter was built on (see
             `hf_clip_forget.core.fingerprint`); loading onto a different base is refused.
@@ -130,6 +141,12 @@ class ProjectionEditConfig(PeftConfig):
     embedding_source: str = field(
         default="class_names", metadata={"help": "'class_names' or 'text_embeds' (precomputed vectors)."}
     )
+    stack: list = field(
+        default_factory=list, metadata={"help": "Names of the adapters saved together with this one (this one first)."}
+    )
+    factor_checksums: dict = field(
+        default_factory=dict, metadata={"help": "sha256 of each stored factor, checked when the adapter is loaded."}
+    )
     base_fingerprints: dict = field(
         default_factory=dict,
         metadata={
@@ -174,12 +191,42 @@ class ProjectionEditConfig(PeftConfig):
         if self.paradigm not in PARADIGMS:
             raise ValueError(f"`paradigm` must be one of {list(PARADIGMS)}, got {self.paradigm!r}.")
         check_alpha(self.alpha)
-        check_nonnegative(self.ccup_lambda, "ccup_lambda")
-        check_nonnegative(self.ccup_mu, "ccup_mu")
+        for name in ("ccup_lambda", "ccup_mu"):
+            check_nonnegative(getattr(self, name), name)
+            if getattr(self, name) > MAX_CCUP_WEIGHT:
+                raise ValueError(
+                    f"`{name}` must be at most {MAX_CCUP_WEIGHT:g} (larger weights overflow float32 and give NaN "
+                    f"logits; {MAX_CCUP_WEIGHT:g} already acts as a hard constraint), got {getattr(self, name)!r}."
+                )
+        rtol = self.rank_tolerance
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0.0 < float(rtol) < 1.0:
+            raise ValueError(
+                f"`rank_tolerance` must be a number in (0, 1) (the relative singular value under which a direction "
+                f"counts as noise; default {DEFAULT_RANK_TOLERANCE}), got {rtol!r}."
+            )
+        self._check_shapes_and_ranks()
+        if self.embedding_source not in ("class_names", "text_embeds"):
+            raise ValueError(
+                f"`embedding_source` must be 'class_names' or 'text_embeds', got {self.embedding_source!r}."
+            )
+
+    def _check_shapes_and_ranks(self) -> None:
+        """Saved ranks and shapes come from untrusted files: check them before any buffer is allocated."""
+        for module, shape in self.projection_shapes.items():
+            if not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(_is_count(x) for x in shape):
+                raise ValueError(
+                    f"`projection_shapes[{module!r}]` must be [out_features, in_features], got {shape!r}."
+                )
         for name, pattern in (("rank_pattern", self.rank_pattern), ("retain_rank_pattern", self.retain_rank_pattern)):
             for module, rank in pattern.items():
-                if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-                    raise ValueError(f"`{name}[{module!r}]` must be an integer >= 0, got {rank!r}.")
+                if not _is_count(rank):
+                    raise ValueError(f"`{name}[{module!r}]` must be an integer >= 1, got {rank!r}.")
+                out_features = self.projection_shapes.get(module, [None])[0]
+                if out_features is not None and rank > out_features:
+                    raise ValueError(
+                        f"`{name}[{module!r}]` = {rank} exceeds the layer's {out_features} output features: a factor "
+                        "has at most one column per embedding dimension. The adapter config is corrupt or altered."
+                    )
 
     def to_dict(self) -> dict:
         output = super().to_dict()
@@ -187,3 +234,7 @@ class ProjectionEditConfig(PeftConfig):
         # a per-load decision, not a property of the adapter; peft lets saved fields override load-time kwargs
         output.pop("verify_base_fingerprint", None)
         return output
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

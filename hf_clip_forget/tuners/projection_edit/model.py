@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...core.fingerprint import WeightFingerprint, fingerprint_weight
+from ...families import family_of
+from .build import build_adapter, can_build, is_built
 from .config import ProjectionEditConfig
 from .layer import EditSettings, Linear, ProjectionEditLayer
 from .registration import PREFIX
@@ -15,6 +18,19 @@ from .registration import PREFIX
 #: Default target modules per transformers ``model_type``: the image side, where text-derived forget directions
 #: remove a class from zero-shot recognition.
 DEFAULT_TARGET_MODULES = {"clip": ["visual_projection"], "vision-text-dual-encoder": ["visual_projection"]}
+
+#: Set while ``ForgetPeftModel.from_pretrained`` loads a whole saved stack (see :func:`loading_whole_stack`).
+_LOADING_WHOLE_STACK: contextvars.ContextVar[bool] = contextvars.ContextVar("loading_whole_stack", default=False)
+
+
+@contextlib.contextmanager
+def loading_whole_stack():
+    """Within this context, adapters saved as the root of a stack may be injected: the caller loads the rest."""
+    token = _LOADING_WHOLE_STACK.set(True)
+    try:
+        yield
+    finally:
+        _LOADING_WHOLE_STACK.reset(token)
 
 
 class ProjectionEditModel(BaseTuner):
@@ -46,8 +62,32 @@ class ProjectionEditModel(BaseTuner):
     tuner_layer_cls = ProjectionEditLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """peft's injection, preceded by building the edit when the config is a request (it names classes but has
+        no factors yet): ``get_peft_model``, ``PeftModel.add_adapter``, ``inject_adapter_in_model`` and
+        transformers' ``model.add_adapter(config)`` all arrive here."""
+        self._check_name_is_new(adapter_name)
+        config = self.peft_config[adapter_name]
+        built = None
+        if not is_built(config):
+            if not can_build(config):
+                raise ValueError(
+                    "This ProjectionEditConfig describes no edit: it names no `forgotten_classes` and holds no "
+                    "factors, so the adapter would change nothing. Build forget adapters with "
+                    "`hf_clip_forget.add_forget_adapter(model, ['dog'], tokenizer=...)`, or name the classes in the "
+                    "config (`ProjectionEditConfig(forgotten_classes=['dog'])`; the tokenizer is then loaded from the "
+                    "model's checkpoint)."
+                )
+            built = build_adapter(model, config)
+            self.peft_config[adapter_name] = config = built.config
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if built is not None:
+            self.set_factors(adapter_name, built.factors)
+
     def _check_new_adapter_config(self, config: ProjectionEditConfig) -> None:
         # runs before anything is injected: refuse adapters built for another base here, not midway
+        family_of(self.model)
+        self._check_not_a_partial_stack(config)
         for suffix, shape in config.projection_shapes.items():
             base = self._projection(suffix)
             actual = [getattr(base, "out_features", None), getattr(base, "in_features", None)]
@@ -56,8 +96,35 @@ class ProjectionEditModel(BaseTuner):
                     f"This adapter was saved for a `{suffix}` of shape (out, in) = {tuple(shape)}, but the model's "
                     f"`{suffix}` is {tuple(actual)}. Load it onto the base model it was built for."
                 )
-        if not config.verify_base_fingerprint:
-            return
+        for pattern in (config.rank_pattern, config.retain_rank_pattern):
+            for suffix, rank in pattern.items():
+                out_features = self._projection(suffix).out_features
+                if rank > out_features:
+                    raise ValueError(
+                        f"The adapter asks for {rank} factor columns on `{suffix}`, which has only {out_features} "
+                        "output features. The adapter config is corrupt or altered; nothing was allocated."
+                    )
+        if config.verify_base_fingerprint:
+            self._check_base_fingerprints(config)
+
+    def _check_not_a_partial_stack(self, config: ProjectionEditConfig) -> None:
+        if len(config.stack) > 1 and not _LOADING_WHOLE_STACK.get():
+            raise ValueError(
+                f"This adapter was saved as the first of a stack of {len(config.stack)} forget adapters "
+                f"{list(config.stack)}; loading it alone would forget less than the stack's card says. Load the "
+                "whole stack with `hf_clip_forget.ForgetPeftModel.from_pretrained(base_model, path_or_repo)` "
+                "(or one member on purpose with `subfolder=<name>`)."
+            )
+
+    def _check_name_is_new(self, adapter_name: str) -> None:
+        if any(adapter_name in layer.projection_edit_settings for layer in self.forget_layers().values()):
+            raise ValueError(
+                f"The model already holds a forget adapter named {adapter_name!r}; adding another under that name "
+                "would replace it. Choose another `adapter_name`, or `delete_adapter` the old one first (to stack "
+                "onto the adapters of a model, call `add_forget_adapter` on the PeftModel that holds them)."
+            )
+
+    def _check_base_fingerprints(self, config: ProjectionEditConfig) -> None:
         for suffix, recorded in config.base_fingerprints.items():
             expected = WeightFingerprint.from_dict(recorded)
             actual = fingerprint_weight(self.unedited_weight(suffix))

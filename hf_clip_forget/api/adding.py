@@ -1,0 +1,318 @@
+"""``add_forget_adapter``: class names in, a forget adapter out — as a new ``ForgetPeftModel`` or stacked onto the
+one that already holds the model's forget adapters (never replacing one)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from peft import PeftModel
+from torch import Tensor, nn
+
+from ..core import DEFAULT_RANK_TOLERANCE, resolve_templates, validate_class_names
+from ..tuners.projection_edit import ProjectionEditConfig, ProjectionEditLayer
+from ..tuners.projection_edit.build import BuildInputs, BuiltAdapter, build_adapter
+from .peft_model import ForgetPeftModel, _quiet_peft_wrapping
+
+
+#: ``target`` option → projection layers edited.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "visual": ("visual_projection",),
+    "text": ("text_projection",),
+    "both": ("visual_projection", "text_projection"),
+}
+
+#: id(base model) → the ForgetPeftModel wrapping it, so that a second call on the base model stacks onto it.
+_HOLDERS: weakref.WeakValueDictionary[int, ForgetPeftModel] = weakref.WeakValueDictionary()
+
+
+def add_forget_adapter(
+    model: nn.Module,
+    classes: Sequence[str] | None = None,
+    tokenizer=None,
+    *,
+    retain_classes: Sequence[str] | None = None,
+    alpha: float = 1.0,
+    method: str | None = None,
+    templates: str | Sequence[str] | None = None,
+    average_templates: bool = True,
+    target: str = "visual",
+    adapter_name: str | None = None,
+    text_embeds: Tensor | None = None,
+    retain_text_embeds: Tensor | None = None,
+    ccup_lambda: float = 1000.0,
+    ccup_mu: float = 100.0,
+    keep_shared_direction: bool | None = None,
+    domains: Sequence[str] | None = None,
+    retain_domains: Sequence[str] | None = None,
+    paradigm: str | None = None,
+    domain_templates: dict[str, Sequence[str]] | None = None,
+    prototypes: int = 0,
+    retain_prototypes: int = 0,
+    prototype_options: dict[str, Any] | None = None,
+    image_processor=None,
+    rank_tolerance: float = DEFAULT_RANK_TOLERANCE,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> ForgetPeftModel:
+    """Forget ``classes`` from a dual encoder's zero-shot recognition, with no data and no training.
+
+    The class names are embedded with the model's own text tower; a closed-form edit of the projection layer(s)
+    removes their directions, and is attached as a peft adapter that can be merged, unmerged (exactly), stacked,
+    saved and loaded. Nothing is modified until every input has been checked and the edit computed.
+
+    Args:
+        model: a ``CLIPModel`` or ``VisionTextDualEncoderModel`` (see ``hf_clip_forget.families``), or the
+            :class:`ForgetPeftModel` / forget ``PeftModel`` holding its adapters. Called again on a base model that
+            a ``ForgetPeftModel`` already wraps, the new adapter is stacked onto that one, never replacing it.
+        classes: class names to forget, e.g. ``["cat", "dog"]``. Optional with ``text_embeds`` (then they label it).
+        tokenizer: the model's tokenizer. If omitted, it is loaded from the model's ``name_or_path``. A tokenizer
+            that cannot belong to the model's text tower is refused.
+        retain_classes: the other classes the model should still recognise, e.g. the rest of a label set. They
+            define the direction all classes share, which the image-side edit then keeps (see
+            ``keep_shared_direction``); CCUP also keeps each of them; text-side edits keep them exactly.
+        alpha: nullspace strength in [0, 1]; the forget component of every image embedding is scaled by
+            ``1 − alpha``.
+        method: ``"nullspace"`` (``I − α QQᵀ``) or ``"ccup"`` (keeps ``retain_classes``; weights ``ccup_lambda`` λ
+            and ``ccup_mu`` μ, each at most 1e8). Default: ``"ccup"`` for the domain paradigms (a nullspace cannot
+            keep the class in the other domains), ``"nullspace"`` otherwise.
+        templates: prompt templates: a list of format strings with one ``{}``, one string, or the name of a
+            built-in set (``"imagenet"``, the default 80-template ensemble, or ``"single"``).
+        average_templates: average each class's template embeddings into one direction (default) or keep one
+            direction per (class, template).
+        target: ``"visual"`` (edit ``visual_projection``, default), ``"text"`` (edit ``text_projection``: forgotten
+            prompts become generic ones) or ``"both"``.
+        adapter_name: name of the new adapter (default ``"default"`` for the first, ``"forget_<n>"`` after).
+        text_embeds: precomputed ``(n, d)`` text embeddings to forget, instead of embedding ``classes``.
+        retain_text_embeds: precomputed ``(r, d)`` embeddings to keep, instead of embedding ``retain_classes``.
+        ccup_lambda, ccup_mu: CCUP weights λ (forget) and μ (retain), in [0, 1e8].
+        keep_shared_direction: take the image-side forget directions orthogonal to the mean direction of all named
+            classes (forget and retain), so that a forgotten class's logit drops to about the average logit instead
+            of 0. Default: on when ``retain_classes`` (or ``retain_text_embeds``) are given, the target is not
+            ``"text"`` and no ``prototypes`` are requested (``docs/forgetting.md``).
+        domains: image domains (e.g. ``["sketch"]``): with ``paradigm="domain"`` (the default once ``domains`` are
+            given) the classes are forgotten only there; with ``"global"`` their domain-conditioned prompts ("a sketch
+            of a dog.") join the forget subspace. See :mod:`hf_clip_forget.core.domains` for the three paradigms.
+        retain_domains: the domains where the classes must stay recognisable (required by ``paradigm="domain"``).
+        paradigm: ``"global"`` (everywhere), ``"domain"`` (only in ``domains``, kept in ``retain_domains``) or
+            ``"complete"`` (only in ``domains``, without protecting the classes elsewhere: a stronger erasure).
+        domain_templates: templates per domain, overriding the built-in ones (``DOMAIN_TEMPLATES``: photo,
+            art_painting, cartoon, sketch) and the generic ``"a {domain} of a {}."`` for others.
+        prototypes: synthesised visual prototypes per forget cell (0: text directions only); their image
+            embeddings join the forget subspace (:func:`~hf_clip_forget.core.synthesize_prototypes`; about 20 s
+            per 4 prototypes on a 2-core CPU for the demo model).
+        retain_prototypes: prototypes per retain cell (0: none), joining the retain set.
+        prototype_options: keyword arguments for :func:`~hf_clip_forget.core.synthesize_prototypes` (``steps``,
+            ``seed``, ``learning_rate``, ``grid``, ``tv_weight``, ``jitter``, ``batch_size``); recorded in the config.
+        image_processor: the model's image processor (input size and normalisation of the prototypes); loaded
+            from the model's checkpoint when omitted and prototypes are requested.
+        rank_tolerance: relative singular value in (0, 1) under which a direction of the forget set counts as noise.
+        batch_size: prompts per text-tower batch (a positive integer).
+        show_progress: show a progress bar while embedding prompts.
+
+    Returns:
+        A :class:`ForgetPeftModel` (a ``peft.PeftModel``) wrapping ``model``; ``model`` itself is wrapped in place,
+        as with ``peft.get_peft_model``. When ``model`` already holds forget adapters, the new one is added to the
+        ``ForgetPeftModel`` holding them, which is returned.
+
+    Raises:
+        ValueError / TypeError: on any bad input, an unsupported model class, a tokenizer of another model, or an
+            edit that would change nothing (rank 0) — always before the model is modified.
+    """
+    holder = adapter_holder(model)
+    base = holder.get_base_model() if holder is not None else model
+    name = _new_adapter_name(adapter_name, holder)
+    config = forget_config(
+        classes, text_embeds=text_embeds, retain_classes=retain_classes, retain_text_embeds=retain_text_embeds,
+        alpha=alpha, method=method, templates=templates, average_templates=average_templates, target=target,
+        ccup_lambda=ccup_lambda, ccup_mu=ccup_mu, keep_shared_direction=keep_shared_direction, domains=domains,
+        retain_domains=retain_domains, paradigm=paradigm, domain_templates=domain_templates, prototypes=prototypes,
+        retain_prototypes=retain_prototypes, prototype_options=prototype_options, rank_tolerance=rank_tolerance,
+    )  # fmt: skip
+    inputs = BuildInputs(tokenizer, image_processor, text_embeds, retain_text_embeds, batch_size, show_progress)
+    built = build_adapter(base, config, inputs)
+    if holder is not None:
+        _stack_adapter(holder, name, built)
+        return holder
+    with _quiet_peft_wrapping():
+        peft_model = ForgetPeftModel(base, built.config, adapter_name=name)
+    peft_model.base_model.set_factors(name, built.factors)
+    _HOLDERS[id(base)] = peft_model
+    return peft_model
+
+
+def forget_config(
+    classes,
+    *,
+    text_embeds=None,
+    retain_classes=None,
+    retain_text_embeds=None,
+    method=None,
+    target="visual",
+    keep_shared_direction=None,
+    domains=None,
+    retain_domains=None,
+    paradigm=None,
+    templates=None,
+    prototypes=0,
+    retain_prototypes=0,
+    prototype_options=None,
+    **settings,
+) -> ProjectionEditConfig:
+    """The validated :class:`ProjectionEditConfig` of an ``add_forget_adapter`` request, its defaults resolved.
+
+    ``settings`` are the config fields passed through unchanged (``alpha``, ``ccup_lambda``, ``ccup_mu``,
+    ``average_templates``, ``domain_templates``, ``rank_tolerance``).
+    """
+    classes = _class_names(classes, text_embeds)
+    if retain_classes is not None:
+        retain_classes = validate_class_names(retain_classes, "retain_classes")
+        overlap = sorted(set(classes) & set(retain_classes))
+        if overlap:
+            raise ValueError(f"{overlap} are both forgotten and retained; a class must be in only one of the lists.")
+    for argument, value in (("prototypes", prototypes), ("retain_prototypes", retain_prototypes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"`{argument}` must be an integer >= 0 (prototypes per cell), got {value!r}.")
+    if target not in TARGETS:
+        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {target!r}.")
+    domain_aware = any(x is not None for x in (domains, retain_domains, paradigm)) or bool(
+        prototypes or retain_prototypes
+    )
+    if domain_aware and target != "visual":
+        raise ValueError("Domain-aware edits and visual prototypes act on the image side; use target='visual'.")
+    paradigm = paradigm or ("domain" if domains else "global")
+    has_retain = retain_classes is not None or retain_text_embeds is not None or paradigm == "domain"
+    if keep_shared_direction is None:
+        # with prototypes, the text-side shared direction would keep the forgotten class's share while the
+        # prototypes' image-side common component is removed from every image (measured in docs/domains.md)
+        keep_shared_direction = has_retain and target != "text" and not prototypes
+    elif keep_shared_direction and target == "text":
+        raise ValueError(
+            "`keep_shared_direction` shapes the image-side edit; with target='text' there is none. Use "
+            "target='visual' or 'both', or drop `keep_shared_direction`."
+        )
+    elif keep_shared_direction and not has_retain:
+        raise ValueError(
+            "`keep_shared_direction=True` needs `retain_classes`: the shared direction is the mean of all named "
+            "classes (forget and retain). Pass the other classes the model should keep recognising."
+        )
+    return ProjectionEditConfig(
+        target_modules=list(TARGETS[target]),
+        method=method or ("ccup" if paradigm != "global" else "nullspace"),
+        keep_shared_direction=bool(keep_shared_direction),
+        paradigm=paradigm,
+        domains=list(domains or []),
+        retain_domains=list(retain_domains or []),
+        prototypes=prototypes,
+        retain_prototypes=retain_prototypes,
+        prototype_options=dict(prototype_options or {}) if (prototypes or retain_prototypes) else {},
+        forgotten_classes=classes,
+        retain_classes=list(retain_classes or []),
+        templates=resolve_templates(templates),
+        embedding_source="text_embeds" if text_embeds is not None else "class_names",
+        **settings,
+    )
+
+
+def _class_names(classes, text_embeds) -> list[str]:
+    if text_embeds is None:
+        return validate_class_names(classes)
+    rows = text_embeds.shape[0] if isinstance(text_embeds, Tensor) and text_embeds.ndim == 2 else None
+    if classes is None and rows is not None:
+        classes = [f"<embedding {i}>" for i in range(rows)]
+    classes = validate_class_names(classes)
+    if rows is not None and len(classes) != rows:
+        raise ValueError(f"`classes` names {len(classes)} classes but `text_embeds` has {rows} rows.")
+    return classes
+
+
+def adapter_holder(model: nn.Module) -> PeftModel | None:
+    """The PeftModel whose forget adapters a new adapter stacks onto: ``model`` itself, or the ForgetPeftModel
+    wrapping the base ``model``; ``None`` for a base model holding no forget layers. Refuses what cannot be
+    stacked onto (another peft method, forget layers injected by plain peft)."""
+    if isinstance(model, PeftModel):
+        if not holds_forget_adapters(model):
+            raise TypeError(
+                f"{type(model).__name__} holds adapters of another peft method; forget adapters cannot share a "
+                "PeftModel with other peft methods. Pass the base model, or a model loaded with "
+                "ForgetPeftModel.from_pretrained."
+            )
+        return model
+    if not any(isinstance(module, ProjectionEditLayer) for module in model.modules()):
+        return None
+    holder = _HOLDERS.get(id(model))
+    if holder is not None and holder.get_base_model() is model:
+        return holder
+    raise ValueError(
+        "This model already holds forget adapters, injected without a ForgetPeftModel (get_peft_model, "
+        "inject_adapter_in_model or model.add_adapter); a new adapter must stack onto them, never replace them. Call "
+        "`add_forget_adapter` on the PeftModel that holds them, or pass `ProjectionEditConfig(forgotten_classes=...)` "
+        "to its `add_adapter`."
+    )
+
+
+def holds_forget_adapters(model) -> bool:
+    """A PeftModel whose adapters are all forget adapters (a ForgetPeftModel, or a PeftModel loaded by peft)."""
+    return isinstance(model, PeftModel) and all(
+        isinstance(config, ProjectionEditConfig) for config in model.peft_config.values()
+    )
+
+
+def _new_adapter_name(adapter_name: str | None, holder: PeftModel | None) -> str:
+    existing = set(holder.peft_config) if holder is not None else set()
+    if adapter_name is None:
+        if not existing:
+            return "default"
+        index = len(existing)
+        while f"forget_{index}" in existing:
+            index += 1
+        return f"forget_{index}"
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
+        raise ValueError(f"`adapter_name` must be a non-empty string without '.' or '/', got {adapter_name!r}.")
+    if adapter_name in existing:
+        raise ValueError(
+            f"An adapter named {adapter_name!r} already exists (adapters: {sorted(existing)}). Choose another "
+            "`adapter_name`, or `delete_adapter` the old one first."
+        )
+    return adapter_name
+
+
+def _stack_adapter(model: PeftModel, name: str, built: BuiltAdapter) -> None:
+    active = [n for n in model.active_adapters if n in model.peft_config]
+    merged = sorted({n for layer in model.base_model.forget_layers().values() for n in layer.merged_adapters})
+    if merged:
+        model.base_model.unmerge_adapter()  # bit-exact; peft would otherwise unmerge with a warning
+    try:
+        with _quiet_peft_wrapping():
+            model.add_adapter(name, built.config)
+        model.base_model.set_factors(name, built.factors)
+    except Exception:
+        if name in model.peft_config:
+            model.delete_adapter(name)
+        raise
+    finally:
+        model.base_model.set_adapter(active + ([name] if name in model.peft_config else []), inference_mode=True)
+        if merged:
+            model.base_model.merge_adapter(merged)
+
+
+def _model_method(self, classes=None, tokenizer=None, **options):
+    return add_forget_adapter(self, classes, tokenizer, **options)
+
+
+_model_method.__doc__ = add_forget_adapter.__doc__
+_model_method.__name__ = "add_forget_adapter"
+
+
+def install_model_methods() -> None:
+    """Give every supported model class an ``add_forget_adapter`` method (idempotent; an existing attribute of
+    that name is never replaced)."""
+    import transformers
+
+    from ..families import SUPPORTED_MODEL_CLASSES
+
+    for class_name in SUPPORTED_MODEL_CLASSES:
+        model_cls = getattr(transformers, class_name, None)
+        if model_cls is not None and not hasattr(model_cls, "add_forget_adapter"):
+            model_cls.add_forget_adapter = _model_method

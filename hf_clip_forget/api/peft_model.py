@@ -1,0 +1,251 @@
+"""``ForgetPeftModel``: the ``peft.PeftModel`` of a stack of forget adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from ..files import write_directory_atomically
+from ..tuners.projection_edit import ProjectionEditConfig, loading_whole_stack
+from .saved import check_forget_peft_type, check_loaded_factors, factor_checksums, read_adapter_config, saved_adapters
+
+
+#: peft saves the adapter of this name at the root of a directory, every other one in a subfolder of its name.
+ROOT_ADAPTER = "default"
+
+
+class ForgetPeftModel(PeftModel):
+    """A :class:`peft.PeftModel` holding a stack of forget adapters on a dual encoder.
+
+    Everything of ``PeftModel`` works as usual (``merge_adapter``, ``unmerge_adapter``, ``merge_and_unload``,
+    ``unload``, ``delete_adapter``, ``disable_adapter``, ``save_pretrained``, ``get_image_features``…). In addition:
+
+    * :meth:`add_forget_adapter` adds another named adapter; all added adapters are active together and their
+      combined effect is the union of their forget subspaces;
+    * :meth:`set_adapter` accepts a list of names;
+    * :meth:`save_pretrained` records the stack and a checksum of every factor; :meth:`from_pretrained` loads every
+      adapter of a saved stack and activates them all, and :meth:`load_adapter` refuses factors that are not
+      finite, never set, or differ from their checksums;
+    * :meth:`verify` recomputes each adapter from its recorded classes and compares;
+    * :attr:`forgotten_classes` says what each adapter forgets.
+    """
+
+    #: Writes ``README.md`` into a save directory: ``writer(model, directory, merged=False)``. The Hub layer
+    #: (:mod:`hf_clip_forget.hub`, which imports this module) plugs its model card in here; without it peft's
+    #: generic card is written.
+    model_card_writer: ClassVar[Callable[..., None] | None] = None
+    #: Uploads a model to the Hub: ``uploader(model, repo_id, **options)``; plugged in by :mod:`hf_clip_forget.hub`.
+    hub_uploader: ClassVar[Callable[..., Any] | None] = None
+
+    def add_forget_adapter(self, classes: Sequence[str] | None = None, tokenizer=None, **options) -> ForgetPeftModel:
+        """Add another forget adapter on top of the active ones. Same arguments as
+        :func:`~hf_clip_forget.add_forget_adapter`, whose ``adapter_name`` must be new (default ``"forget_<n>"``)."""
+        from .adding import add_forget_adapter
+
+        return add_forget_adapter(self, classes, tokenizer, **options)
+
+    def verify(self, tokenizer=None, image_processor=None, **options):
+        """Recompute every adapter from its recorded classes and settings and compare with the stored factors; see
+        :func:`~hf_clip_forget.verify_forget_adapter`."""
+        from .verify import verify_forget_adapter
+
+        return verify_forget_adapter(self, tokenizer=tokenizer, image_processor=image_processor, **options)
+
+    @property
+    def forgotten_classes(self) -> dict[str, list[str]]:
+        """Adapter name → the classes it forgets."""
+        return {name: list(config.forgotten_classes) for name, config in self.peft_config.items()}
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = True) -> None:
+        """Activate one adapter or, given a list, several together (their union is applied)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
+        if isinstance(adapter_name, str):
+            super().set_adapter(adapter_name, inference_mode=inference_mode)
+        else:
+            self.base_model.set_adapter(names, inference_mode=inference_mode)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        writer = type(self).model_card_writer
+        if writer is None:
+            return super().create_or_update_model_card(output_dir)
+        writer(self, output_dir)
+
+    # -------------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters=None, **kwargs) -> None:
+        """``PeftModel.save_pretrained``, with each adapter's config recording the checksums of its factors and,
+        at the root of a stack, the names of all adapters saved together. Written atomically: a failure midway
+        leaves the files of an earlier save as they were (see :func:`hf_clip_forget.files.write_directory_atomically`)."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+
+        def write(staging: str) -> None:
+            with self._configs_as_saved(names):
+                super(ForgetPeftModel, self).save_pretrained(staging, selected_adapters=selected_adapters, **kwargs)
+
+        write_directory_atomically(save_directory, write)
+
+    @contextlib.contextmanager
+    def _configs_as_saved(self, names: list[str]):
+        """Temporarily give each saved adapter a config copy that records its checksums and the stack."""
+        layers = self.base_model.forget_layers()
+        originals = {name: self.peft_config[name] for name in names if name in self.peft_config}
+        stack = sorted(originals, key=lambda name: (name != ROOT_ADAPTER, names.index(name)))
+        for name, config in originals.items():
+            saved = copy.copy(config)
+            saved.factor_checksums = factor_checksums(layers, name)
+            saved.stack = stack if name == ROOT_ADAPTER and len(stack) > 1 else []
+            self.peft_config[name] = saved
+        try:
+            yield
+        finally:
+            self.peft_config.update(originals)
+
+    def save_merged_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save the full model with the active adapters merged into its weights, as a plain transformers checkpoint
+        (``CLIPModel.from_pretrained(save_directory)`` loads it). This model itself is not modified. Atomic, as
+        :meth:`save_pretrained`; the card still lists what was forgotten and where the original is."""
+
+        def write(staging: str) -> None:
+            with self._merged_plain_layers():
+                self.get_base_model().save_pretrained(staging, **kwargs)
+            writer = type(self).model_card_writer
+            if writer is not None:
+                writer(self, staging, merged=True)
+
+        write_directory_atomically(save_directory, write)
+
+    def push_to_hub(self, repo_id: str, **options):
+        """Upload the adapters (default) or, with ``merged=True``, the merged full model, with a model card
+        listing what was forgotten, in one commit. See :func:`hf_clip_forget.hub.push_to_hub` for the options."""
+        uploader = type(self).hub_uploader
+        if uploader is None:
+            raise RuntimeError("Hub support is not loaded: `import hf_clip_forget` (it loads hf_clip_forget.hub).")
+        return uploader(self, repo_id, **options)
+
+    @contextlib.contextmanager
+    def _merged_plain_layers(self):
+        """Temporarily replace every forget layer by a plain ``nn.Linear`` holding its merged weight."""
+        swapped = []
+        try:
+            for name, layer in self.base_model.forget_layers().items():
+                active = [n for n in self.active_adapters if n in layer.projection_edit_settings]
+                merged = layer.unedited_weight().clone()
+                if active:
+                    edit = layer.combined_edit(active)
+                    merged = edit.apply_to_weight(merged.to(torch.float32)).to(merged.dtype)
+                plain = nn.Linear(
+                    layer.in_features, layer.out_features, bias=False, device=merged.device, dtype=merged.dtype
+                )
+                plain.weight.data = merged
+                parent_name, _, child = name.rpartition(".")
+                parent = self.base_model.model.get_submodule(parent_name)
+                setattr(parent, child, plain)
+                swapped.append((parent, child, layer))
+            yield
+        finally:
+            for parent, child, layer in swapped:
+                setattr(parent, child, layer)
+
+    # ------------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, model, model_id: str | os.PathLike, adapter_name: str = ROOT_ADAPTER, **kwargs):
+        """Load a saved forget adapter — or every adapter of a saved stack — onto ``model``.
+
+        Without ``subfolder`` (or ``config``), the adapter at the root of ``model_id`` (named ``adapter_name``) and
+        one adapter per subfolder holding an ``adapter_config.json`` (named after the subfolder, as
+        ``save_pretrained`` writes them) are loaded and all activated. ``model_id`` is a local directory or a Hub
+        repo id. Adapters of other peft methods, and factors that are not finite or differ from their recorded
+        checksums, are refused; on any failure ``model`` is left as it was.
+        """
+        with _quiet_peft_wrapping():
+            if "subfolder" in kwargs or "config" in kwargs:
+                _check_single_adapter(model_id, kwargs)
+                return super().from_pretrained(model, model_id, adapter_name=adapter_name, **kwargs)
+            hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+            entries = saved_adapters(str(model_id), adapter_name, **hub_kwargs)
+            if not entries:
+                raise ValueError(
+                    f"No adapter_config.json at {model_id} or in its subfolders: it holds no saved forget adapter."
+                )
+            return cls._load_stack(model, model_id, entries, kwargs)
+
+    @classmethod
+    def _load_stack(cls, model, model_id, entries: list[tuple[str, str | None]], kwargs: dict):
+        (first_name, first_subfolder), rest = entries[0], entries[1:]
+        first_kwargs = dict(kwargs, **({"subfolder": first_subfolder} if first_subfolder else {}))
+        with loading_whole_stack():
+            peft_model = super().from_pretrained(model, model_id, adapter_name=first_name, **first_kwargs)
+        try:
+            for name, subfolder in rest:
+                load_kwargs = {k: v for k, v in kwargs.items() if k not in ("is_trainable", "config")}
+                peft_model.load_adapter(model_id, adapter_name=name, subfolder=subfolder, **load_kwargs)
+        except BaseException:
+            peft_model.unload()  # leave the base model as it was
+            raise
+        peft_model.base_model.set_adapter([name for name, _ in entries], inference_mode=True)
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args, **kwargs):
+        """``PeftModel.load_adapter``, refusing adapters of other peft methods before anything is allocated, and
+        loaded factors that are non-finite, never set or differ from their recorded checksums (the adapter is then
+        removed again and the error names it)."""
+        hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+        raw = read_adapter_config(str(model_id), kwargs.get("subfolder"), **hub_kwargs)
+        if raw is not None:
+            check_forget_peft_type(raw, str(model_id))
+        result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        try:
+            layers = self.base_model.forget_layers()
+            check_loaded_factors(layers, adapter_name, self.peft_config[adapter_name].factor_checksums)
+        except BaseException:
+            self._discard(adapter_name)
+            raise
+        return result
+
+    def _discard(self, adapter_name: str) -> None:
+        """Remove an adapter that failed its checks; the last one takes the forget layers with it."""
+        if set(self.peft_config) == {adapter_name}:
+            self.base_model._unload_and_optionally_merge(merge=False)
+            return
+        for layer in self.base_model.forget_layers().values():
+            if layer.merged:
+                layer.unmerge()
+        self.delete_adapter(adapter_name)
+
+
+def _check_single_adapter(model_id, kwargs: dict) -> None:
+    """Refuse, before anything is loaded, one explicitly chosen adapter that is not a forget adapter."""
+    config = kwargs.get("config")
+    if config is not None:
+        if not isinstance(config, ProjectionEditConfig):
+            raise ValueError(
+                f"`config` is a {type(config).__name__}, not a forget adapter's ProjectionEditConfig; load other peft "
+                "methods with `peft.PeftModel.from_pretrained`."
+            )
+        return
+    hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+    raw = read_adapter_config(str(model_id), kwargs.get("subfolder"), **hub_kwargs)
+    if raw is not None:
+        check_forget_peft_type(raw, str(model_id))
+
+
+@contextlib.contextmanager
+def _quiet_peft_wrapping():
+    # peft 0.21 reads `model.is_gradient_checkpointing`, deprecated in transformers 5.23 with a FutureWarning that
+    # says nothing useful to our users
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
+__all__ = ["ROOT_ADAPTER", "ForgetPeftModel"]

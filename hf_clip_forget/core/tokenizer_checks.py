@@ -1,0 +1,106 @@
+"""Does a tokenizer belong to the model's text tower? An edit computed through the wrong tokenizer removes an
+unrelated direction (measured: cosine 0.08 with the right one) while its config names the right class, so what can
+be detected is refused, and what can only be suspected (a class name the vocabulary does not know) is warned about.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from ..families import family_of
+from .text_embeddings import check_tokenizer_fits, encode_prompts
+
+
+#: The prompt embedded through both the given tokenizer and the checkpoint's own one.
+PROBE_PROMPT = "a photo of a dog."
+#: Largest cosine distance between the two probe embeddings that still counts as the same tokenization.
+PROBE_TOLERANCE = 1e-5
+#: A class name of which at least this fraction of tokens is unknown to the vocabulary is warned about.
+UNKNOWN_TOKEN_SHARE = 0.5
+
+
+def check_tokenizer_matches_model(model, tokenizer, explicit: bool = True) -> None:
+    """Raise a ``ValueError`` when ``tokenizer`` cannot be the model's: ids beyond the embedding matrix, a missing
+    end-of-text id the model pools at, or (``explicit``: the user passed it) a probe prompt that embeds differently
+    than through the tokenizer saved with the model's checkpoint, when that one is available locally."""
+    check_tokenizer_fits(model, tokenizer)
+    _check_pooling_token(model, tokenizer)
+    if explicit:
+        _check_against_checkpoint_tokenizer(model, tokenizer)
+
+
+def _check_pooling_token(model, tokenizer) -> None:
+    if not family_of(model).text_pooled_at_eos_token:
+        return
+    eos = getattr(getattr(model.config, "text_config", None), "eos_token_id", None)
+    if eos is None or eos == 2:  # CLIP's legacy configs say 2 and pool at the largest id instead
+        return
+    ids = tokenizer(PROBE_PROMPT)["input_ids"]
+    if eos not in ids:
+        raise ValueError(
+            f"The tokenizer does not end prompts with the token id {eos} at which the model reads its text "
+            f"embedding (it produced {ids}): it belongs to another model. Load the tokenizer saved with this "
+            "checkpoint, e.g. `AutoTokenizer.from_pretrained(<same model id>)`."
+        )
+
+
+def _check_against_checkpoint_tokenizer(model, tokenizer) -> None:
+    own = _checkpoint_tokenizer(model)
+    if own is None:
+        return
+    with torch.no_grad():
+        given = encode_prompts(model, tokenizer, [PROBE_PROMPT], show_progress=False)
+        expected = encode_prompts(model, own, [PROBE_PROMPT], show_progress=False)
+    distance = 1 - torch.nn.functional.cosine_similarity(given.double(), expected.double()).item()
+    if distance > PROBE_TOLERANCE:
+        raise ValueError(
+            f"The tokenizer passed does not tokenize like the one saved with {model.name_or_path!r}: the prompt "
+            f"{PROBE_PROMPT!r} embeds differently (cosine distance {distance:.3g}), so the edit would remove the "
+            "wrong directions. Pass the checkpoint's own tokenizer (or none: it is loaded from the checkpoint)."
+        )
+
+
+def _checkpoint_tokenizer(model):
+    """The tokenizer saved with the model's checkpoint if it can be loaded without a download, else ``None``."""
+    source = getattr(model, "name_or_path", None)
+    if not source:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no local tokenizer: nothing to compare with
+        return None
+
+
+def warn_about_poorly_tokenized_classes(tokenizer, classes: Sequence[str], templates: Sequence[str]) -> None:
+    """Warn, naming the class, when a class name is mostly unknown tokens or its prompts get truncated."""
+    unknown_id = getattr(tokenizer, "unk_token_id", None)
+    limit = _usable_length(tokenizer)
+    longest = max(templates, key=len) if templates else "{}"
+    for name in classes:
+        ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+        if unknown_id is not None and ids and ids.count(unknown_id) / len(ids) >= UNKNOWN_TOKEN_SHARE:
+            warnings.warn(
+                f"Class {name!r} is mostly unknown to the tokenizer ({ids.count(unknown_id)} of {len(ids)} tokens "
+                "are the unknown token), so its embedding says little about it and the edit may remove something "
+                "else. Use a name in the model's vocabulary.",
+                stacklevel=3,
+            )
+        if limit is not None and len(tokenizer(longest.format(name))["input_ids"]) > limit:
+            warnings.warn(
+                f"Prompts for class {name!r} are longer than the text tower's {limit} tokens and are truncated, so "
+                "part of the name is not embedded. Use a shorter name.",
+                stacklevel=3,
+            )
+
+
+def _usable_length(tokenizer) -> int | None:
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+__all__ = ["PROBE_PROMPT", "check_tokenizer_matches_model", "warn_about_poorly_tokenized_classes"]

@@ -1,0 +1,435 @@
+"""Building a forget adapter from its config: class names → text embeddings → the thin factors of each layer.
+
+The config is the whole request: which classes, templates, method and strength, domains and prototypes. Every
+entry point builds through :func:`build_adapter` — ``add_forget_adapter``, and peft's own ``get_peft_model``,
+``PeftModel.add_adapter``, ``inject_adapter_in_model`` and transformers' ``model.add_adapter(config)`` (through
+:meth:`ProjectionEditModel.inject_adapter`) — and :func:`~hf_clip_forget.api.verify_forget_adapter` rebuilds through
+it to check stored factors. Nothing here modifies the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..._version import __version__
+from ...core import (
+    DomainCell,
+    EditFactors,
+    build_edit_factors,
+    class_text_embeddings,
+    encode_prompts,
+    normalize_rows,
+    plan_domain_edit,
+    resolve_templates,
+    synthesize_prototypes,
+)
+from ...core import domain_templates as templates_of_domain
+from ...core.fingerprint import fingerprint_weight
+from ...core.tokenizer_checks import check_tokenizer_matches_model, warn_about_poorly_tokenized_classes
+from ...families import family_of
+from .config import ProjectionEditConfig
+from .layer import ProjectionEditLayer
+
+
+PROTOTYPE_OPTIONS = {"steps", "learning_rate", "grid", "tv_weight", "jitter", "batch_size", "seed"}
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What building needs besides the config and the model (never saved).
+
+    Attributes:
+        tokenizer: the model's tokenizer; loaded from the model's checkpoint when ``None``.
+        image_processor: the model's image processor (prototypes only); loaded from the checkpoint when ``None``.
+        text_embeds: ``(n, d)`` embeddings to forget (configs with ``embedding_source="text_embeds"``).
+        retain_text_embeds: ``(r, d)`` embeddings to keep instead of embedding ``retain_classes``.
+        batch_size: prompts per text-tower batch.
+        show_progress: progress bars while embedding prompts and synthesising prototypes.
+    """
+
+    tokenizer: Any = None
+    image_processor: Any = None
+    text_embeds: Tensor | None = None
+    retain_text_embeds: Tensor | None = None
+    batch_size: int = 256
+    show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class BuiltAdapter:
+    """A built adapter: its config with every derived field filled (ranks, shapes, fingerprints, templates) and
+    the factors of each wrapped layer, ``{module name: (forget, retain or None)}``."""
+
+    config: ProjectionEditConfig
+    factors: dict[str, tuple[Tensor, Tensor | None]]
+
+
+def build_adapter(model: nn.Module, config: ProjectionEditConfig, inputs: BuildInputs = BuildInputs()) -> BuiltAdapter:
+    """Compute the adapter ``config`` describes on ``model`` (a transformers dual encoder, possibly holding other
+    forget layers, whose edits are bypassed while embedding). Raises before computing anything on bad input."""
+    family_of(model)
+    modules = target_projections(model, config)
+    _check_request(config, inputs)
+    tokenizer = None
+    if _needs_text_tower(config, inputs, modules):
+        tokenizer = resolve_tokenizer(model, inputs.tokenizer)
+        check_tokenizer_matches_model(model, tokenizer, explicit=inputs.tokenizer is not None)
+        warn_about_poorly_tokenized_classes(
+            tokenizer, [*config.forgotten_classes, *config.retain_classes], _all_templates(config)
+        )
+    with _edits_bypassed(model), torch.no_grad():
+        embeddings = _Embedder(model, config, inputs, tokenizer).embeddings(modules)
+    factors = {name: _module_factors(name, config, embeddings) for name in modules}
+    empty = [name for name, f in factors.items() if f.forget.shape[1] == 0]
+    if empty:
+        raise ValueError(
+            f"Nothing to forget: the edit of {empty} has rank 0 (every forget direction fell below "
+            f"rank_tolerance={config.rank_tolerance} or was kept). An adapter that changes nothing is refused; check "
+            "the classes, `rank_tolerance` (in (0, 1), default 1e-5) and `retain_classes`."
+        )
+    filled = _filled_config(model, config, embeddings.templates, modules, factors)
+    return BuiltAdapter(filled, {name: (f.forget, f.retain) for name, f in factors.items()})
+
+
+def is_built(config: ProjectionEditConfig) -> bool:
+    """Whether ``config`` describes computed factors (a saved or built adapter) rather than a request."""
+    return bool(config.rank_pattern)
+
+
+def can_build(config: ProjectionEditConfig) -> bool:
+    """Whether ``config`` alone (with the model's own tokenizer) is enough to compute its edit."""
+    return config.embedding_source == "class_names" and bool(config.forgotten_classes)
+
+
+def target_projections(model: nn.Module, config: ProjectionEditConfig) -> tuple[str, ...]:
+    """The projection layers ``config`` edits (by attribute name), checked to exist on ``model``."""
+    family = family_of(model)
+    allowed = set(family.projections.values())
+    targets = config.target_modules or [family.image_projection]
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    unknown = sorted(set(targets) - allowed)
+    if unknown:
+        raise ValueError(
+            f"`target_modules` {unknown} are not projection layers of a {family.name} model; forget adapters edit "
+            f"only {sorted(allowed)} (the layers whose outputs are the joint embeddings)."
+        )
+    for name in targets:
+        projection_shape(model, name)
+    return tuple(targets)
+
+
+def projection_shape(model: nn.Module, name: str) -> tuple[int, int]:
+    """``(out_features, in_features)`` of projection ``name``; a clear error when it is not a bias-free Linear."""
+    layer = getattr(model, name, None)
+    if isinstance(layer, ProjectionEditLayer):
+        layer = layer.get_base_layer()
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"{type(model).__name__} has no `{name}` nn.Linear layer, so it is not a CLIP-style dual encoder that "
+            "forget adapters can edit."
+        )
+    return layer.out_features, layer.in_features
+
+
+def _check_request(config: ProjectionEditConfig, inputs: BuildInputs) -> None:
+    if isinstance(inputs.batch_size, bool) or not isinstance(inputs.batch_size, int) or inputs.batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive integer (prompts per batch), got {inputs.batch_size!r}.")
+    from_vectors = config.embedding_source == "text_embeds"
+    if from_vectors and inputs.text_embeds is None:
+        raise ValueError(
+            "This config forgets precomputed text embeddings (embedding_source='text_embeds'), which a config does "
+            "not hold: build it with `add_forget_adapter(model, text_embeds=...)`, or load the saved adapter with "
+            "`ForgetPeftModel.from_pretrained`."
+        )
+    if not from_vectors and not config.forgotten_classes:
+        raise ValueError(
+            "This ProjectionEditConfig names no `forgotten_classes`, so there is no edit to build. Name the classes "
+            "(`ProjectionEditConfig(forgotten_classes=['dog'])`) or use `hf_clip_forget.add_forget_adapter`."
+        )
+    if _domain_aware(config) and from_vectors:
+        raise ValueError(
+            "Domains and prototypes are built from class names; they cannot be combined with `text_embeds`. Pass "
+            "class names, or drop the domain and prototype options."
+        )
+    has_retain = bool(config.retain_classes) or inputs.retain_text_embeds is not None or config.paradigm == "domain"
+    if config.keep_shared_direction and not has_retain:
+        raise ValueError(
+            "`keep_shared_direction=True` needs `retain_classes`: the shared direction is the mean of all named "
+            "classes (forget and retain). Pass the other classes the model should keep recognising."
+        )
+    unknown = sorted(set(config.prototype_options) - PROTOTYPE_OPTIONS)
+    if unknown:
+        raise ValueError(f"Unknown `prototype_options` {unknown}; accepted: {sorted(PROTOTYPE_OPTIONS)}.")
+
+
+def _domain_aware(config: ProjectionEditConfig) -> bool:
+    return bool(config.domains or config.retain_domains or config.paradigm != "global" or config.prototypes) or bool(
+        config.retain_prototypes
+    )
+
+
+def _needs_text_tower(config: ProjectionEditConfig, inputs: BuildInputs, modules: Sequence[str]) -> bool:
+    return (
+        inputs.text_embeds is None
+        or "text_projection" in modules
+        or (bool(config.retain_classes) and inputs.retain_text_embeds is None)
+    )
+
+
+def _all_templates(config: ProjectionEditConfig) -> list[str]:
+    templates = resolve_templates(config.templates or None)
+    return [
+        *templates,
+        *(t for domain in config.domains for t in templates_of_domain(domain, config.domain_templates)),
+    ]
+
+
+@dataclass(frozen=True)
+class _Embeddings:
+    templates: list[str]
+    forget: Tensor
+    retain: Tensor | None
+    anchor: Tensor | None
+
+
+class _Embedder:
+    """Turns a config's classes (and domains, prototypes) into forget, retain and anchor embeddings."""
+
+    def __init__(self, model, config: ProjectionEditConfig, inputs: BuildInputs, tokenizer) -> None:
+        self.model, self.config, self.inputs, self.tokenizer = model, config, inputs, tokenizer
+        self.templates = resolve_templates(config.templates or None)
+        self.dim = projection_shape(model, family_of(model).text_projection)[0]
+
+    def embeddings(self, modules: Sequence[str]) -> _Embeddings:
+        config, inputs = self.config, self.inputs
+        if _domain_aware(config):
+            forget, retain = self._domain_cells()
+        else:
+            forget = (
+                _checked_rows(inputs.text_embeds, self.dim, "text_embeds")
+                if inputs.text_embeds is not None
+                else self._classes(config.forgotten_classes)
+            )
+            retain = None
+            if inputs.retain_text_embeds is not None:
+                retain = _checked_rows(inputs.retain_text_embeds, self.dim, "retain_text_embeds")
+            elif config.retain_classes:
+                retain = self._classes(config.retain_classes)
+        anchor = self._anchor() if "text_projection" in modules else None
+        return _Embeddings(self.templates, forget, retain, anchor)
+
+    def _classes(self, names: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
+        return class_text_embeddings(
+            self.model, self.tokenizer, list(names), list(templates or self.templates),
+            self.config.average_templates, self.inputs.batch_size, self.inputs.show_progress,
+        ).embeddings  # fmt: skip
+
+    def _cells(self, cells: Sequence[DomainCell]) -> Tensor:
+        by_domain: dict[str | None, list[str]] = {}
+        for cell in cells:
+            by_domain.setdefault(cell.domain, []).append(cell.class_name)
+        return torch.cat(
+            [
+                self._classes(
+                    names, None if domain is None else templates_of_domain(domain, self.config.domain_templates)
+                )
+                for domain, names in by_domain.items()
+            ]
+        )
+
+    def _domain_cells(self) -> tuple[Tensor, Tensor | None]:
+        config = self.config
+        plan = plan_domain_edit(
+            config.forgotten_classes,
+            domains=config.domains,
+            retain_domains=config.retain_domains,
+            retain_classes=config.retain_classes or None,
+            paradigm=config.paradigm,
+        )
+        forget = self._cells(plan.forget)
+        retain = self._cells(plan.retain) if plan.retain else None
+        if config.retain_prototypes and retain is not None:
+            retain = torch.cat([retain, self._prototypes(retain, config.retain_prototypes)])
+        if config.prototypes:
+            forget = torch.cat([forget, self._prototypes(forget, config.prototypes)])
+        return forget, retain
+
+    def _prototypes(self, rows: Tensor, count: int) -> Tensor:
+        processor = resolve_image_processor(self.model, self.inputs.image_processor)
+        found = synthesize_prototypes(
+            self.model, rows, per_target=count, show_progress=self.inputs.show_progress,
+            **prototype_geometry(processor), **self.config.prototype_options,
+        )  # fmt: skip
+        return found.embeddings.to(rows.dtype)
+
+    def _anchor(self) -> Tensor:
+        # the bare templates ("a photo of a ."): where forgotten prompts are sent on the text side
+        bare = [template.format("") for template in self.templates]
+        anchor = normalize_rows(encode_prompts(self.model, self.tokenizer, bare, self.inputs.batch_size, False))
+        return normalize_rows(anchor.mean(dim=0, keepdim=True)) if self.config.average_templates else anchor
+
+
+def _module_factors(name: str, config: ProjectionEditConfig, embeddings: _Embeddings) -> EditFactors:
+    if name == "text_projection":
+        return build_edit_factors(
+            config.method, embeddings.forget, embeddings.retain, embeddings.anchor, rtol=config.rank_tolerance
+        )
+    return build_edit_factors(
+        config.method,
+        embeddings.forget,
+        embeddings.retain,
+        rtol=config.rank_tolerance,
+        keep_shared_direction=config.keep_shared_direction,
+    )
+
+
+def _filled_config(model, config, templates, modules, factors: dict[str, EditFactors]) -> ProjectionEditConfig:
+    domains = dict.fromkeys([*config.domains, *config.retain_domains])
+    return dataclasses.replace(
+        config,
+        target_modules=list(modules),
+        templates=list(templates),
+        domain_templates={domain: templates_of_domain(domain, config.domain_templates) for domain in domains},
+        rank_pattern={name: int(f.forget.shape[1]) for name, f in factors.items()},
+        retain_rank_pattern={name: int(f.retain.shape[1]) for name, f in factors.items() if f.retain is not None},
+        projection_shapes={name: list(projection_shape(model, name)) for name in modules},
+        base_model_name_or_path=shareable_model_id(getattr(model, "name_or_path", None)),
+        base_fingerprints=base_fingerprints(model),
+        base_model_revision=getattr(model.config, "_commit_hash", None),
+        provenance=provenance(),
+    )
+
+
+def shareable_model_id(name_or_path: str | None) -> str | None:
+    """A model id safe to write into a shared config: a Hub id as it is, a local path reduced to its last component
+    (an absolute path says nothing to anyone else and leaks the author's file system)."""
+    if not name_or_path:
+        return None
+    if os.path.isabs(name_or_path) or os.path.exists(name_or_path) or name_or_path.startswith(("./", "../", "~")):
+        return os.path.basename(os.path.normpath(os.path.expanduser(name_or_path))) or None
+    return name_or_path
+
+
+def base_fingerprints(model: nn.Module) -> dict[str, dict]:
+    """Fingerprints of both projection weights of ``model`` as they are without any forget edit."""
+    fingerprints = {}
+    for name in family_of(model).projections.values():
+        layer = getattr(model, name, None)
+        if isinstance(layer, ProjectionEditLayer):
+            fingerprints[name] = fingerprint_weight(layer.unedited_weight()).to_dict()
+        elif isinstance(layer, nn.Linear):
+            fingerprints[name] = fingerprint_weight(layer.weight).to_dict()
+    return fingerprints
+
+
+def provenance() -> dict:
+    """When and with which library versions an adapter was built."""
+    import huggingface_hub
+    import peft
+    import transformers
+
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "versions": {
+            "hf_clip_forget": __version__,
+            "peft": peft.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "huggingface_hub": huggingface_hub.__version__,
+        },
+    }
+
+
+@contextlib.contextmanager
+def _edits_bypassed(model: nn.Module):
+    """Embed with the unedited projections, whatever forget layers ``model`` already holds."""
+    with contextlib.ExitStack() as stack:
+        for module in model.modules():
+            if isinstance(module, ProjectionEditLayer):
+                stack.enter_context(module.edits_bypassed())
+        yield
+
+
+def _checked_rows(embeds, dim: int, argument: str) -> Tensor:
+    if not isinstance(embeds, Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor of shape (n, {dim}), got {type(embeds).__name__}.")
+    if embeds.ndim != 2 or embeds.shape[1] != dim or embeds.shape[0] == 0:
+        raise ValueError(
+            f"`{argument}` must have shape (n, {dim}) — one row per class in the model's {dim}-dimensional "
+            f"embedding space — got {tuple(embeds.shape)}."
+        )
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"`{argument}` contains NaN or inf values; every embedding must be finite.")
+    if (embeds.norm(dim=1) == 0).any():
+        raise ValueError(f"`{argument}` contains an all-zero row, which has no direction to forget.")
+    return normalize_rows(embeds)
+
+
+def resolve_tokenizer(model, tokenizer):
+    """``tokenizer`` if given (checked to be a tokenizer), else the one saved with ``model``'s checkpoint."""
+    if tokenizer is not None:
+        if not callable(tokenizer) or not hasattr(tokenizer, "__len__"):
+            raise TypeError(f"`tokenizer` must be a transformers tokenizer, got {type(tokenizer).__name__}.")
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return load_from_model_checkpoint(model, AutoTokenizer, "tokenizer")
+
+
+def resolve_image_processor(model, image_processor):
+    """``image_processor`` if given (checked), else the one saved with ``model``'s checkpoint."""
+    if image_processor is not None:
+        if not callable(image_processor) or not hasattr(image_processor, "image_mean"):
+            raise TypeError(
+                f"`image_processor` must be a transformers image processor, got {type(image_processor).__name__}."
+            )
+        return image_processor
+    from transformers import AutoImageProcessor
+
+    return load_from_model_checkpoint(model, AutoImageProcessor, "image_processor")
+
+
+def load_from_model_checkpoint(model, auto_class, argument: str):
+    """``auto_class.from_pretrained`` of the checkpoint ``model`` was loaded from (its tokenizer, image processor…),
+    with an error that says to pass ``argument=`` when there is no checkpoint or loading fails."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    source = getattr(base, "name_or_path", None)
+    what = argument.replace("_", " ")
+    if not source:
+        raise ValueError(
+            f"Pass `{argument}=` (e.g. `{auto_class.__name__}.from_pretrained(<model id>)`): the model was not loaded "
+            f"from a checkpoint, so its {what} cannot be found."
+        )
+    try:
+        return auto_class.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ValueError(
+            f"Could not load the {what} of {source!r} ({error}). Pass `{argument}=` explicitly."
+        ) from error
+
+
+def prototype_geometry(image_processor) -> dict[str, Any]:
+    """Input size and normalisation of the model's images, from its image processor."""
+    size = None
+    for attribute in ("crop_size", "size"):
+        value = getattr(image_processor, attribute, None)
+        value = dict(value) if value is not None and not isinstance(value, int) else value
+        if isinstance(value, int):
+            size = value
+        elif value:
+            size = value.get("height") or value.get("shortest_edge")
+        if size:
+            break
+    if not size:
+        raise ValueError("Could not read the input size from `image_processor` (crop_size/size); pass another one.")
+    return {"image_size": int(size), "image_mean": list(image_processor.image_mean),
+            "image_std": list(image_processor.image_std)}  # fmt: skip
