@@ -130,7 +130,9 @@ def _new_file_mode(scratch: str) -> int:
         os.remove(probe)
 
 
-def _move_files(staged: str, directory: str, folders, files, backup: str, file_mode: int) -> None:
+def _move_files(
+    staged: str, directory: str, folders: list[str], files: list[str], backup: str, file_mode: int
+) -> None:
     made, moved = [], []
     try:
         for folder in folders:

@@ -14,6 +14,7 @@ from hf_clip_forget.hub import escape_markdown
 from hf_clip_forget.testing_utils import tiny_clip, tiny_dual_encoder
 
 from .conftest import assert_same_state, image_features, state_snapshot
+from .test_hub_usable_push import tiny_image_processor
 
 
 def edited_model(tokenizer, base=None, **options):
@@ -95,7 +96,7 @@ def test_push_merged_model_then_download(fake_hub, tokenizer, pixels):
     model = edited_model(tokenizer)
     expected = image_features(model, pixels)
     weights_before = state_snapshot(model)
-    model.push_to_hub("tester/clip-merged", merged=True)
+    model.push_to_hub("tester/clip-merged", merged=True, tokenizer=tokenizer, image_processor=tiny_image_processor())
     assert_same_state(model, weights_before)  # pushing a merged copy leaves the model itself alone
     files = fake_hub.repos["tester/clip-merged"]
     assert "config.json" in files and "model.safetensors" in files and "adapter_config.json" not in files
@@ -150,9 +151,9 @@ def test_loading_onto_another_base_is_refused_by_fingerprint(tmp_path, tokenizer
             ForgetPeftModel.from_pretrained(other, source)
         assert_same_state(other, snapshot)
         with pytest.raises(ValueError, match="fingerprint"):
-            PeftModel.from_pretrained(tiny_clip(seed=1), source)
-    deliberate = PeftModel.from_pretrained(tiny_clip(seed=1), tmp_path, verify_base_fingerprint=False)
-    assert deliberate.peft_config["default"].forgotten_classes == ["cat", "dog"]
+            PeftModel.from_pretrained(tiny_clip(seed=1), source, subfolder="vehicles")
+    deliberate = ForgetPeftModel.from_pretrained(tiny_clip(seed=1), tmp_path, verify_base_fingerprint=False)
+    assert deliberate.forgotten_classes == {"default": ["cat", "dog"], "vehicles": ["truck"]}
     assert "verify_base_fingerprint" not in (tmp_path / "adapter_config.json").read_text()
 
 

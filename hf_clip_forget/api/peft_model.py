@@ -110,14 +110,20 @@ class ForgetPeftModel(PeftModel):
         finally:
             self.peft_config.update(originals)
 
-    def save_merged_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    def save_merged_pretrained(
+        self, save_directory: str | os.PathLike, *, tokenizer=None, image_processor=None, processor=None, **kwargs
+    ) -> None:
         """Save the full model with the active adapters merged into its weights, as a plain transformers checkpoint
-        (``CLIPModel.from_pretrained(save_directory)`` loads it). This model itself is not modified. Atomic, as
-        :meth:`save_pretrained`; the card still lists what was forgotten and where the original is."""
+        (``CLIPModel.from_pretrained(save_directory)`` loads it), with the given tokenizer and image processor (or
+        ``processor``) so that ``pipeline("zero-shot-image-classification", model=save_directory)`` works. This
+        model itself is not modified. Atomic, as :meth:`save_pretrained`; the card lists what was forgotten."""
 
         def write(staging: str) -> None:
             with self._merged_plain_layers():
                 self.get_base_model().save_pretrained(staging, **kwargs)
+            for preprocessor in (processor, tokenizer, image_processor):
+                if preprocessor is not None:
+                    preprocessor.save_pretrained(staging)
             writer = type(self).model_card_writer
             if writer is not None:
                 writer(self, staging, merged=True)
@@ -203,6 +209,13 @@ class ForgetPeftModel(PeftModel):
         raw = read_adapter_config(str(model_id), kwargs.get("subfolder"), **hub_kwargs)
         if raw is not None:
             check_forget_peft_type(raw, str(model_id))
+        verify_base_fingerprint = kwargs.pop("verify_base_fingerprint", None)
+        if verify_base_fingerprint is not None and adapter_name not in self.peft_config:
+            # peft's load_adapter does not pass config options on: inject with the option set, then load into it
+            location = {"subfolder": kwargs["subfolder"]} if kwargs.get("subfolder") else {}
+            config = ProjectionEditConfig.from_pretrained(str(model_id), **location, **hub_kwargs)
+            config.verify_base_fingerprint = verify_base_fingerprint
+            self.add_adapter(adapter_name, config)
         result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         try:
             layers = self.base_model.forget_layers()

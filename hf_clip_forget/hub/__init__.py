@@ -5,7 +5,15 @@ Importing it plugs the card writer and the uploader into :class:`hf_clip_forget.
 """
 
 from ..api import ForgetPeftModel
-from .card import ForgetEvaluation, build_model_card, escape_markdown, hub_model_id, write_model_card
+from .card import (
+    ForgetEvaluation,
+    base_model_id,
+    base_model_license,
+    build_model_card,
+    escape_markdown,
+    hub_model_id,
+    write_model_card,
+)
 from .push import HubUploadError, push_to_hub
 
 
@@ -15,6 +23,8 @@ ForgetPeftModel.hub_uploader = staticmethod(push_to_hub)
 __all__ = [
     "ForgetEvaluation",
     "HubUploadError",
+    "base_model_id",
+    "base_model_license",
     "build_model_card",
     "escape_markdown",
     "hub_model_id",

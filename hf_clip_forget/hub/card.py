@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..api import ForgetPeftModel
@@ -24,6 +24,10 @@ from ..core.templates import IMAGENET_TEMPLATES, SINGLE_TEMPLATE
 TEMPLATE_NAME = "forget_adapter.md"
 TAGS = ("machine-unlearning", "clip", "hf_clip_forget", "projection-edit", "zero-shot-image-classification")
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#!|~])")
+#: The Hub's license identifier for "not known" (https://huggingface.co/docs/hub/repositories-licenses).
+UNKNOWN_LICENSE = "unknown"
+_LICENSE_KEYS = ("license", "license_name", "license_link")
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 
 
 @dataclass(frozen=True)
@@ -75,17 +79,92 @@ def hub_model_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def base_model_id(model: ForgetPeftModel) -> str | None:
+    """The Hub id of the model the adapters were made for, or ``None`` when it was not loaded from the Hub.
+
+    The base model's own ``name_or_path`` decides when it has one: a model loaded from a local directory has no Hub
+    id, even if its adapter config records a name that looks like one (such as the directory's last component).
+    """
+    source = getattr(model.get_base_model(), "name_or_path", None)
+    if not source:
+        source = next(iter(model.peft_config.values())).base_model_name_or_path
+    return hub_model_id(source)
+
+
+def check_license(license: str) -> str:
+    """``license`` if it has the form of a Hub license identifier (``mit``, ``apache-2.0``, ``other``…)."""
+    if not isinstance(license, str) or not _LICENSE_ID.fullmatch(license):
+        raise ValueError(
+            f"Invalid license {license!r}: give a Hub license identifier such as 'mit', 'apache-2.0' or 'other' "
+            "(see https://huggingface.co/docs/hub/repositories-licenses). Nothing was written."
+        )
+    return license
+
+
+def base_model_license(model: ForgetPeftModel, *, online: bool = False) -> dict[str, str] | None:
+    """The ``license`` (with ``license_name`` and ``license_link`` where given) of the card of the model the forget
+    adapters were made for: its ``README.md`` in the local directory it was loaded from, or in its Hub repo (from
+    the local cache; with ``online=True`` downloaded if not cached). ``None`` when there is no such card, it names
+    no license, or it cannot be read."""
+    path = _base_card_path(model, online)
+    try:
+        data = ModelCard.load(path, ignore_metadata_errors=True).data.to_dict() if path else {}
+    except Exception:  # noqa: BLE001 - an unreadable card means the license is not known
+        return None
+    if not isinstance(data.get("license"), str) or not _LICENSE_ID.fullmatch(data["license"]):
+        return None
+    return {key: str(data[key]) for key in _LICENSE_KEYS if data.get(key)}
+
+
+def _base_card_path(model: ForgetPeftModel, online: bool) -> str | None:
+    source = getattr(model.get_base_model(), "name_or_path", None)
+    if source and os.path.isdir(source):
+        path = os.path.join(source, "README.md")
+        return path if os.path.isfile(path) else None
+    repo_id = base_model_id(model)
+    if repo_id is None:
+        return None
+    revision = next(iter(model.peft_config.values())).base_model_revision
+    cached = try_to_load_from_cache(repo_id, "README.md", revision=revision)
+    if isinstance(cached, str) or not online:
+        return cached if isinstance(cached, str) else None
+    try:
+        return hf_hub_download(repo_id, "README.md", revision=revision)
+    except Exception:  # noqa: BLE001 - unreachable, gated or no card: the license is not known
+        return None
+
+
+def _card_license(model: ForgetPeftModel, license: str | None, online: bool) -> tuple[dict[str, str], str]:
+    """The card's license metadata and the Provenance table's words on where it comes from."""
+    if license is not None:
+        return {"license": check_license(license)}, f"`{license}` (given by the uploader)"
+    found = base_model_license(model, online=online)
+    if found:
+        return found, f"`{escape_markdown(found['license'])}` (the base model's)"
+    return {"license": UNKNOWN_LICENSE}, "unknown: the base model's license could not be determined"
+
+
 def build_model_card(
     model: ForgetPeftModel,
     repo_id: str | None = None,
     *,
     merged: bool = False,
     evaluations: Sequence[ForgetEvaluation] = (),
+    license: str | None = None,
+    online: bool = False,
+    with_preprocessors: bool = False,
 ) -> ModelCard:
-    """The card of ``model``'s forget adapters (or, with ``merged=True``, of the merged full model)."""
+    """The card of ``model``'s forget adapters (or, with ``merged=True``, of the merged full model).
+
+    Its ``license`` is ``license`` if given (a Hub license identifier), else the base model's
+    (:func:`base_model_license`; looked up on the Hub only with ``online=True``), else ``unknown``.
+    ``with_preprocessors``: the merged checkpoint comes with its tokenizer and image processor, so the card shows
+    ``pipeline`` usage; otherwise it says to take them from the base model.
+    """
     configs = dict(model.peft_config)
     first = next(iter(configs.values()))
-    base_model = hub_model_id(first.base_model_name_or_path)
+    base_model = base_model_id(model)
+    license_metadata, license_cell = _card_license(model, license, online)
     active = set(model.active_adapters)
     forgotten = list(dict.fromkeys(c for config in configs.values() for c in config.forgotten_classes))
     evaluations = list(evaluations)
@@ -97,6 +176,7 @@ def build_model_card(
         base_model=base_model,
         pipeline_tag="zero-shot-image-classification",
         tags=list(TAGS) + ([] if merged else ["peft"]),
+        **license_metadata,
         eval_results=eval_results,
         model_name=title if eval_results else None,  # only meaningful inside model-index
         forgotten_classes=forgotten,
@@ -126,6 +206,9 @@ def build_model_card(
         base_model_cell=f"`{base_model}`" if base_model else "not a Hub model (see the fingerprints)",
         base_revision_cell=f"`{first.base_model_revision}`" if first.base_model_revision else "unknown",
         model_class=type(model.get_base_model()).__name__,  # a Python identifier: safe inside code blocks
+        needs_package=_has_package_towers(model.get_base_model()),
+        with_preprocessors=with_preprocessors,
+        license_cell=license_cell,
         adapters=adapters,
         method_notes=_method_notes(configs.values()),
         evaluations=[_evaluation_row(e) for e in evaluations],
@@ -134,6 +217,17 @@ def build_model_card(
         created=escape_markdown(first.provenance.get("created", "unknown")),
         versions=", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in versions.items()) or "unknown",
     )
+
+
+def _holds_preprocessors(directory: str) -> bool:
+    present = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+    return "tokenizer_config.json" in present and bool(present & {"preprocessor_config.json", "processor_config.json"})
+
+
+def _has_package_towers(base) -> bool:
+    """Whether ``base`` holds towers defined by ``hf_clip_forget.models`` (the demo model's), which transformers
+    can load only after ``import hf_clip_forget`` has registered them."""
+    return any(type(module).__module__.startswith("hf_clip_forget.models") for module in base.modules())
 
 
 def _modules(config) -> list[str]:
@@ -237,7 +331,18 @@ def write_model_card(
     merged: bool = False,
     repo_id: str | None = None,
     evaluations: Sequence[ForgetEvaluation] = (),
+    license: str | None = None,
+    online: bool = False,
 ) -> None:
-    """Write :func:`build_model_card` as ``README.md`` into ``directory``."""
-    card = build_model_card(model, repo_id, merged=merged, evaluations=evaluations)
+    """Write :func:`build_model_card` as ``README.md`` into ``directory`` (a merged card shows ``pipeline`` usage
+    when the directory holds the tokenizer and the image processor)."""
+    card = build_model_card(
+        model,
+        repo_id,
+        merged=merged,
+        evaluations=evaluations,
+        license=license,
+        online=online,
+        with_preprocessors=_holds_preprocessors(directory),
+    )
     card.save(os.path.join(directory, "README.md"))

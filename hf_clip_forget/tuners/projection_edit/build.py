@@ -310,13 +310,12 @@ def _filled_config(model, config, templates, modules, factors: dict[str, EditFac
 
 
 def shareable_model_id(name_or_path: str | None) -> str | None:
-    """A model id safe to write into a shared config: a Hub id as it is, a local path reduced to its last component
-    (an absolute path says nothing to anyone else and leaks the author's file system)."""
+    """``name_or_path`` when it names a Hub repo; ``None`` for a local path, which says nothing to anyone else,
+    leaks the author's file system, and whose last component could pass for an unrelated Hub id."""
     if not name_or_path:
         return None
-    if os.path.isabs(name_or_path) or os.path.exists(name_or_path) or name_or_path.startswith(("./", "../", "~")):
-        return os.path.basename(os.path.normpath(os.path.expanduser(name_or_path))) or None
-    return name_or_path
+    local = os.path.isabs(name_or_path) or os.path.exists(name_or_path) or name_or_path.startswith((".", "~"))
+    return None if local else name_or_path
 
 
 def base_fingerprints(model: nn.Module) -> dict[str, dict]:
