@@ -106,7 +106,7 @@ def test_non_finite_factors_are_refused_at_load_naming_the_adapter(saved, bad_va
     broken[0, 0] = bad_value
     replace_factor(directory, broken)
     edit_config(directory, factor_checksums={})  # even without checksums
-    refused_untouched(directory, "adapter 'default' contains NaN or inf")
+    refused_untouched(directory, "adapter 'default' contains? NaN or inf")
 
 
 def test_a_weights_file_without_the_factors_is_refused_at_load(saved):
@@ -142,7 +142,9 @@ def test_verify_detects_factors_that_forget_something_else(saved, tokenizer):
     report = tampered.verify(tokenizer=tokenizer)
     # ...but not verification: the stored edit is not the edit of the classes its config and card name
     assert not report.ok
-    assert report.results[0].status == "mismatch" and report.results[0].max_difference > 100 * report.results[0].tolerance
+    assert (
+        report.results[0].status == "mismatch" and report.results[0].max_difference > 100 * report.results[0].tolerance
+    )
     assert "'dog'" in str(report) and "mismatch" in str(report)
 
 
@@ -155,3 +157,14 @@ def test_verify_covers_every_adapter_of_a_stack_and_every_method(tokenizer):
     report = model.verify(tokenizer=tokenizer)
     assert [r.status for r in report.results] == ["match", "match", "unverifiable"]
     assert report.to_dict()["adapters"][2]["adapter_name"] == "forget_2"
+
+
+def test_plain_peft_loading_refuses_non_finite_factors_at_load_naming_the_adapter(saved):
+    from peft import PeftModel
+
+    directory, _ = saved
+    broken = load_file(directory / WEIGHTS)[FACTOR_KEY].clone()
+    broken[0, 0] = float("nan")
+    replace_factor(directory, broken)
+    with pytest.raises(ValueError, match="forget adapter 'default' contain NaN or inf"):
+        PeftModel.from_pretrained(tiny_clip(), directory)

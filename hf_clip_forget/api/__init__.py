@@ -9,7 +9,7 @@
     model.verify()                                                           # stored edits == their classes' edits
 """
 
-from ..tuners.projection_edit.build import load_from_model_checkpoint, resolve_tokenizer
+from ..tuners.projection_edit.preprocessors import load_from_model_checkpoint, resolve_tokenizer
 from .adding import (
     TARGETS,
     adapter_holder,

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..files import write_directory_atomically
 from ..tuners.projection_edit import ProjectionEditConfig, loading_whole_stack
+from ..tuners.projection_edit.layer import refuse_mixed_batch
 from .saved import check_forget_peft_type, check_loaded_factors, factor_checksums, read_adapter_config, saved_adapters
 
 
@@ -74,6 +75,28 @@ class ForgetPeftModel(PeftModel):
             super().set_adapter(adapter_name, inference_mode=inference_mode)
         else:
             self.base_model.set_adapter(names, inference_mode=inference_mode)
+
+    def add_adapter(self, adapter_name: str, peft_config, *args, **kwargs) -> None:
+        """``PeftModel.add_adapter``, without peft's warning about names contained in the prefix
+        ``projection_edit_`` (``"c"``, ``"edit"``): the adapter state is mapped structurally, so such names save
+        and load exactly."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Adapter name .* should not be contained in the prefix")
+            super().add_adapter(adapter_name, peft_config, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        refuse_mixed_batch(kwargs.get("adapter_names"))
+        return super().forward(*args, **kwargs)
+
+    def get_image_features(self, *args, **kwargs):
+        """The base model's ``get_image_features`` with the active edits (mixed-adapter batches are refused)."""
+        refuse_mixed_batch(kwargs.pop("adapter_names", None))
+        return self.get_base_model().get_image_features(*args, **kwargs)
+
+    def get_text_features(self, *args, **kwargs):
+        """The base model's ``get_text_features`` with the active edits (mixed-adapter batches are refused)."""
+        refuse_mixed_batch(kwargs.pop("adapter_names", None))
+        return self.get_base_model().get_text_features(*args, **kwargs)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         writer = type(self).model_card_writer
@@ -204,20 +227,34 @@ class ForgetPeftModel(PeftModel):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args, **kwargs):
         """``PeftModel.load_adapter``, refusing adapters of other peft methods before anything is allocated, and
         loaded factors that are non-finite, never set or differ from their recorded checksums (the adapter is then
-        removed again and the error names it)."""
+        removed again and the error names it).
+
+        Loading into an existing ``adapter_name`` replaces that adapter's factors *and* its config (what it
+        forgets), so both keep saying the same thing; when the saved adapter differs in structure or settings
+        (method, strength, ranks, targets) it is refused: load it under a new name or ``delete_adapter`` first.
+        """
         hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
-        raw = read_adapter_config(str(model_id), kwargs.get("subfolder"), **hub_kwargs)
+        location = {"subfolder": kwargs["subfolder"]} if kwargs.get("subfolder") else {}
+        raw = read_adapter_config(str(model_id), location.get("subfolder"), **hub_kwargs)
         if raw is not None:
             check_forget_peft_type(raw, str(model_id))
         verify_base_fingerprint = kwargs.pop("verify_base_fingerprint", None)
-        if verify_base_fingerprint is not None and adapter_name not in self.peft_config:
+        replacement = None
+        if raw is not None and adapter_name in self.peft_config:
+            _check_same_settings(self.peft_config[adapter_name], raw, adapter_name)
+            replacement = ProjectionEditConfig.from_pretrained(str(model_id), **location, **hub_kwargs)
+            if verify_base_fingerprint is not None:
+                replacement.verify_base_fingerprint = verify_base_fingerprint
+            self.base_model._check_new_adapter_config(replacement)  # shapes, ranks and base fingerprints
+        elif verify_base_fingerprint is not None:
             # peft's load_adapter does not pass config options on: inject with the option set, then load into it
-            location = {"subfolder": kwargs["subfolder"]} if kwargs.get("subfolder") else {}
             config = ProjectionEditConfig.from_pretrained(str(model_id), **location, **hub_kwargs)
             config.verify_base_fingerprint = verify_base_fingerprint
             self.add_adapter(adapter_name, config)
-        result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         try:
+            result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
+            if replacement is not None:
+                self.peft_config[adapter_name] = replacement
             layers = self.base_model.forget_layers()
             check_loaded_factors(layers, adapter_name, self.peft_config[adapter_name].factor_checksums)
         except BaseException:
@@ -227,6 +264,8 @@ class ForgetPeftModel(PeftModel):
 
     def _discard(self, adapter_name: str) -> None:
         """Remove an adapter that failed its checks; the last one takes the forget layers with it."""
+        if adapter_name not in self.peft_config:
+            return
         if set(self.peft_config) == {adapter_name}:
             self.base_model._unload_and_optionally_merge(merge=False)
             return
@@ -234,6 +273,30 @@ class ForgetPeftModel(PeftModel):
             if layer.merged:
                 layer.unmerge()
         self.delete_adapter(adapter_name)
+
+
+#: Config fields that shape an adapter's layers and settings: loading into an existing name keeps those.
+_STRUCTURE_FIELDS = (
+    "method", "alpha", "ccup_lambda", "ccup_mu", "rank_tolerance", "rank_pattern", "retain_rank_pattern",
+    "projection_shapes",
+)  # fmt: skip
+
+
+def _check_same_settings(current: ProjectionEditConfig, saved: dict, adapter_name: str) -> None:
+    """peft's load into an existing name copies the factors into the existing layers and keeps their settings:
+    refuse when the saved adapter's settings or shapes differ, since the result would be neither adapter."""
+    differing = [name for name in _STRUCTURE_FIELDS if name in saved and saved[name] != getattr(current, name)]
+    targets = saved.get("target_modules")
+    if targets is not None and sorted([targets] if isinstance(targets, str) else targets) != sorted(
+        current.target_modules or []
+    ):
+        differing.append("target_modules")
+    if differing:
+        raise ValueError(
+            f"The adapter being loaded into the existing name {adapter_name!r} differs from it in {differing}; its "
+            "factors cannot replace the existing ones. Load it under a new `adapter_name`, or "
+            f"`delete_adapter({adapter_name!r})` first."
+        )
 
 
 def _check_single_adapter(model_id, kwargs: dict) -> None:

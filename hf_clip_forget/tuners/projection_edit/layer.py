@@ -3,7 +3,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -24,6 +24,66 @@ class EditSettings:
     rank_tolerance: float
 
 
+#: Why ``adapter_names=`` (peft's mixed-adapter batches) is refused.
+MIXED_BATCH_ERROR = (
+    "Forget adapters apply to the whole batch: `adapter_names=` (peft's mixed-adapter batches, one adapter per "
+    "sample) is not supported, since a forgotten class must stay forgotten for every input. Choose the active "
+    "adapters with `set_adapter(...)`, or use `with model.disable_adapter():` for the unedited model."
+)
+
+
+def refuse_mixed_batch(adapter_names) -> None:
+    """Raise the ``ValueError`` of :data:`MIXED_BATCH_ERROR` when ``adapter_names`` is given (not ``None``)."""
+    if adapter_names is not None:
+        raise ValueError(MIXED_BATCH_ERROR)
+
+
+def _tensor_token(tensor: torch.Tensor | None) -> tuple | None:
+    """What identifies the *contents* of ``tensor`` for the edit cache, or ``None`` when they cannot be tracked.
+
+    Every in-place change (``copy_`` by ``load_state_dict``, ``set_peft_model_state_dict``, ``load_adapter``)
+    bumps ``_version``; a replaced storage (``.data = ...``, ``assign=True``) changes ``data_ptr``. Inference tensors
+    have no version counter, so they are never cached.
+    """
+    if tensor is None:
+        return ()
+    if tensor.is_inference():
+        return None
+    return (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.device)
+
+
+class _FactorState(NamedTuple):
+    """The factor tensors and settings a combined edit was computed from.
+
+    ``tensors`` holds references, compared by identity: keeping them alive means no other tensor can take their
+    place (and their ``id``/``data_ptr``) while this state is kept."""
+
+    tensors: tuple
+    tokens: tuple | None  # None: some factor is an inference tensor, whose changes cannot be tracked
+
+    def same_as(self, other: _FactorState) -> bool:
+        return (
+            self.tokens is not None
+            and self.tokens == other.tokens
+            and len(self.tensors) == len(other.tensors)
+            and all(a is b for a, b in zip(self.tensors, other.tensors, strict=True))
+        )
+
+
+class _CachedEdit(NamedTuple):
+    state: _FactorState
+    edit: LowRankEdit
+
+
+class _MergeRecord(NamedTuple):
+    """What the merged weight was computed from, and the weight as written."""
+
+    names: tuple[str, ...]
+    factors: _FactorState
+    weight: torch.Tensor
+    weight_token: tuple | None
+
+
 class ProjectionEditLayer(BaseTunerLayer):
     """Wraps an ``nn.Linear`` projection ``y = W x`` with the union of the active forget edits ``y ↦ M y``.
 
@@ -35,6 +95,13 @@ class ProjectionEditLayer(BaseTunerLayer):
     puts that copy back, so a merge/unmerge round trip restores the weight bit for bit in any dtype (``M`` is singular
     at ``alpha = 1``, so no inverse could). Merging more adapters later recomputes ``M`` of the whole merged union
     from that copy: stacked merges are the union, never a product of projectors.
+
+    Every change of a factor or a setting takes effect at the next forward, however it is made (``set_factors``,
+    ``load_state_dict``, ``set_peft_model_state_dict``, ``load_adapter`` into an existing name, an in-place edit):
+    the cached edit is keyed on the factor tensors and their version counters. On a merged layer the merged weight
+    is recomputed from the copy of the unedited weight; a weight loaded into a merged layer is accepted when it is
+    the unedited weight (then re-merged) or the merged one, and refused otherwise. Copies (``copy.deepcopy``,
+    ``pickle``) never carry the cache.
     """
 
     # Nothing is trainable: peft toggles requires_grad only on `adapter_layer_names`.
@@ -54,7 +121,8 @@ class ProjectionEditLayer(BaseTunerLayer):
         self.projection_edit_settings: dict[str, EditSettings] = {}
         # the weight before the first merge; non-persistent, so it follows .to() but is never saved
         self.register_buffer("projection_edit_pristine_weight", None, persistent=False)
-        self._edit_cache: dict[tuple, LowRankEdit] = {}
+        self._edit_cache: dict[tuple, _CachedEdit] = {}
+        self._merge_record: _MergeRecord | None = None
         self._bypass_edits = False
         self._disable_adapters = False
         self.merged_adapters = []
@@ -114,19 +182,42 @@ class ProjectionEditLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._edit_cache.clear()
 
+    # torch.compile: the cache look-up runs eagerly at every call (a graph break), so that no compiled guard can keep
+    # a stale edit, and dynamo never traces the float64 composition
+    @torch.compiler.disable
     def combined_edit(self, adapter_names: list[str]) -> LowRankEdit:
         """The float32 edit of the union of ``adapter_names`` (those present on this layer), cached: ``M`` of
         :func:`~hf_clip_forget.core.compose_edits` on a text-side layer, ``Mᵀ`` on an image-side one."""
         names = tuple(sorted(name for name in adapter_names if name in self.projection_edit_settings))
         device = self.get_base_layer().weight.device
-        key = (names, device)
-        if key not in self._edit_cache:
-            specs = [self._spec(name) for name in names]
-            tolerance = min((self.projection_edit_settings[n].rank_tolerance for n in names), default=1e-5)
-            edit = compose_edits(specs, self.out_features, rtol=tolerance)
-            edit = edit.transposed() if self.image_side else edit
-            self._edit_cache[key] = edit.to(device=device, dtype=torch.float32)
-        return self._edit_cache[key]
+        key = (names, device, self.image_side)
+        state = self._factor_state(names)
+        cached = self._edit_cache.get(key)
+        if cached is not None and cached.state.same_as(state):
+            return cached.edit
+        specs = [self._spec(name) for name in names]
+        tolerance = min((self.projection_edit_settings[n].rank_tolerance for n in names), default=1e-5)
+        edit = compose_edits(specs, self.out_features, rtol=tolerance)
+        edit = (edit.transposed() if self.image_side else edit).to(device=device, dtype=torch.float32)
+        if state.tokens is None:
+            self._edit_cache.pop(key, None)
+        else:
+            self._edit_cache[key] = _CachedEdit(state, edit)
+        return edit
+
+    def _factor_state(self, names) -> _FactorState:
+        """The factor tensors and settings of ``names`` (present on this layer), with their change tokens."""
+        tensors, tokens = [], []
+        for name in sorted(set(names) & set(self.projection_edit_settings)):
+            tokens.append((name, self.projection_edit_settings[name]))
+            for store in (self.projection_edit_forget, self.projection_edit_retain):
+                tensor = store[name] if name in store else None
+                token = _tensor_token(tensor)
+                if token is None:
+                    return _FactorState(tuple(tensors), None)
+                tensors.append(tensor)
+                tokens.append(token)
+        return _FactorState(tuple(tensors), tuple(tokens))
 
     def _spec(self, name: str) -> EditSpec:
         settings = self.projection_edit_settings[name]
@@ -160,9 +251,10 @@ class ProjectionEditLayer(BaseTunerLayer):
         edit = self.combined_edit(list(self.merged_adapters) + list(adapter_names))
         merged = edit.apply_to_weight(pristine.to(torch.float32)).to(pristine.dtype)
         if not torch.isfinite(merged).all():
+            # peft's wording ("The adapter default seems to be broken"), naming every adapter of the union
+            broken = ", ".join(dict.fromkeys(list(self.merged_adapters) + list(adapter_names)))
             raise ValueError(
-                f"NaNs detected in the merged weights. The adapter(s) {list(adapter_names)} seem to be broken; "
-                "nothing was merged."
+                f"NaNs detected in the merged weights. The adapter {broken} seems to be broken; nothing was merged."
             )
         return merged
 
@@ -172,6 +264,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         The merged weight is always computed and checked for NaN/inf before anything is written (``safe_merge``
         is accepted for compatibility and always on).
         """
+        # check_adapters_to_merge warns as peft does ("All adapters are already merged, nothing to do.")
         adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.projection_edit_settings]
         if not adapter_names:
             return
@@ -183,6 +276,47 @@ class ProjectionEditLayer(BaseTunerLayer):
             self.projection_edit_pristine_weight = self.get_base_weight().clone()
         self.set_base_weight(merged)
         self.merged_adapters.extend(adapter_names)
+        self._record_merge()
+
+    def _record_merge(self) -> None:
+        """Remember what the merged weight was computed from (see :meth:`_check_merged_weight`)."""
+        weight = self.get_base_layer().weight
+        names = tuple(self.merged_adapters)
+        self._merge_record = _MergeRecord(names, self._factor_state(names), weight, _tensor_token(weight))
+
+    @torch.compiler.disable
+    def _check_merged_weight(self) -> None:
+        """Bring a merged weight up to date after its factors or its weight changed since the merge.
+
+        New factors of a merged adapter are merged anew from the unedited weight. A weight written into a merged
+        layer (``load_state_dict``) is kept if it is the merged weight of the current factors, re-merged if it is the
+        unedited weight, and refused otherwise: the layer cannot tell what it is.
+        """
+        if not self.merged:
+            self._merge_record = None
+            return
+        record = self._merge_record
+        if record is None:  # a copy (deepcopy, pickle) or a dtype/device move: its state is consistent
+            self._record_merge()
+            return
+        weight = self.get_base_layer().weight
+        names = tuple(self.merged_adapters)
+        weight_token = _tensor_token(weight)
+        weight_kept = weight is record.weight and weight_token is not None and weight_token == record.weight_token
+        if names == record.names and weight_kept and self._factor_state(names).same_as(record.factors):
+            return
+        expected = self.merged_weight([])
+        current = weight.detach()
+        if weight_kept or torch.equal(current, self.unedited_weight()):
+            self.set_base_weight(expected)
+        elif not torch.equal(current, expected):
+            raise RuntimeError(
+                f"A new weight was written into a projection layer with merged forget adapters {list(names)} (e.g. by "
+                "`load_state_dict`), and it is neither the unedited weight nor the merged weight of the current "
+                "factors, so the layer cannot tell what it holds. Call `unmerge_adapter()` before loading base "
+                "weights (it restores the weight from before the merge), then merge again."
+            )
+        self._record_merge()
 
     def unmerge(self) -> None:
         """Put back the weight from before the first merge, bit for bit, and mark every adapter unmerged."""
@@ -192,6 +326,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         self.set_base_weight(self.projection_edit_pristine_weight)
         self.projection_edit_pristine_weight = None
         self.merged_adapters.clear()
+        self._merge_record = None
 
     @contextlib.contextmanager
     def edits_bypassed(self):
@@ -221,6 +356,7 @@ class Linear(nn.Module, ProjectionEditLayer):
         ProjectionEditLayer.__init__(self, base_layer, image_side=image_side, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=inference_mode)
+        self.register_load_state_dict_post_hook(_refuse_non_finite_factors)
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(torch.bfloat16) would round the factors too; keep them float32 on the new device.
@@ -235,9 +371,19 @@ class Linear(nn.Module, ProjectionEditLayer):
         for (store_name, key), value in factors.items():
             getattr(self, store_name)[key] = value.to(device=device, dtype=torch.float32)
         self._edit_cache.clear()
+        # a dtype or device move rounds or moves the merged and the unedited weight alike: still consistent
+        self._merge_record = None
         return result
 
+    def __getstate__(self) -> dict:
+        # deepcopy and pickle: the copy recomputes its edit from its own factors
+        state = super().__getstate__()
+        state["_edit_cache"] = {}
+        state["_merge_record"] = None
+        return state
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        refuse_mixed_batch(kwargs.pop("adapter_names", None))
         if self._bypass_edits:
             return nn.functional.linear(x, self.unedited_weight().to(x.dtype))
         if self.disable_adapters:
@@ -246,6 +392,7 @@ class Linear(nn.Module, ProjectionEditLayer):
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.projection_edit_settings]
         if self.merged:
+            self._check_merged_weight()
             pending = [name for name in active if name not in self.merged_adapters]
             if not pending:
                 return self.base_layer(x, *args, **kwargs)
@@ -261,3 +408,15 @@ class Linear(nn.Module, ProjectionEditLayer):
 
     def __repr__(self) -> str:
         return "projection_edit." + super().__repr__()
+
+
+def _refuse_non_finite_factors(layer: ProjectionEditLayer, incompatible_keys) -> None:
+    """After any ``load_state_dict`` (peft's and transformers' loaders included): refuse NaN or inf factors at load,
+    naming the adapter, rather than at the first forward."""
+    for store in (layer.projection_edit_forget, layer.projection_edit_retain):
+        for name, factor in store.items():
+            if factor.device.type != "meta" and not torch.isfinite(factor).all():
+                raise ValueError(
+                    f"The loaded factors of forget adapter {name!r} contain NaN or inf values: the adapter file is "
+                    "corrupt. Re-download or rebuild it."
+                )

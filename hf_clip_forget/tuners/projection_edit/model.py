@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -11,7 +12,7 @@ from ...core.fingerprint import WeightFingerprint, fingerprint_weight
 from ...families import family_of
 from .build import build_adapter, can_build, is_built
 from .config import ProjectionEditConfig
-from .layer import EditSettings, Linear, ProjectionEditLayer
+from .layer import EditSettings, Linear, ProjectionEditLayer, refuse_mixed_batch
 from .registration import PREFIX
 
 
@@ -87,6 +88,11 @@ class ProjectionEditModel(BaseTuner):
     def _check_new_adapter_config(self, config: ProjectionEditConfig) -> None:
         # runs before anything is injected: refuse adapters built for another base here, not midway
         family_of(self.model)
+        if not config.inference_mode:
+            raise ValueError(
+                "Forget adapters are closed-form edits with nothing to train; load them with is_trainable=False "
+                "(the default)."
+            )
         self._check_not_a_partial_stack(config)
         for suffix, shape in config.projection_shapes.items():
             base = self._projection(suffix)
@@ -106,6 +112,12 @@ class ProjectionEditModel(BaseTuner):
                     )
         if config.verify_base_fingerprint:
             self._check_base_fingerprints(config)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # peft's mixed-adapter batches (`adapter_names=`): a forgotten class must stay forgotten for every input
+        refuse_mixed_batch(kwargs.get("adapter_names"))
+        yield
 
     def _check_not_a_partial_stack(self, config: ProjectionEditConfig) -> None:
         if len(config.stack) > 1 and not _LOADING_WHOLE_STACK.get():
@@ -226,6 +238,9 @@ class ProjectionEditModel(BaseTuner):
             names = [n for n in requested if n in layer.projection_edit_settings and n not in layer.merged_adapters]
             if names:
                 plan.append((layer, layer.merged_weight(names), names))  # raises before anything is written
+        if not plan:
+            warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
+            return
         for layer, weight, names in plan:
             layer.write_merged_weight(weight, names)
 
