@@ -16,7 +16,7 @@ The package is layered; each layer imports only from the ones above it in this l
 3. ``api/``      — the user API: ``add_forget_adapter``, ``ForgetPeftModel``, ``verify_forget_adapter``;
 4. ``hub/``      — model cards and ``push_to_hub`` (plugs into ``ForgetPeftModel``); ``evaluation/`` — the
    zero-shot harness (imported on demand: it loads ``evaluate``);
-5. ``cli.py``    — the ``hf-clip-forget`` command.
+5. ``cli/``      — the ``hf-clip-forget`` command.
 
 ``models/`` sits beside ``core/``: transformers-native towers and the embedded demo dual encoder.
 

@@ -93,6 +93,13 @@ def tiny_dual_encoder(seed: int = 0, projection_dim: int = 16, dtype: torch.dtyp
     return VisionTextDualEncoderModel(config=config).to(dtype).eval()
 
 
+def tiny_image_processor():
+    """A CLIP image processor for the tiny models' 32×32 images."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
 def random_pixels(batch_size: int = 4, image_size: int = 32, seed: int = 1) -> torch.Tensor:
     """Seeded random ``pixel_values`` for the tiny models."""
     generator = torch.Generator().manual_seed(seed)

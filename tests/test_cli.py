@@ -17,24 +17,34 @@ from hf_clip_forget.testing_utils import tiny_clip, tiny_tokenizer
 CLASSES = ["cat", "dog", "bird", "ship"]
 
 
+def save_tiny_model(path, model=None, crop: int = 32) -> str:
+    """A tiny CLIP checkpoint directory (model, tokenizer, image processor) that the CLI loads as MODEL."""
+    (model if model is not None else tiny_clip()).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}).save_pretrained(
+        path
+    )
+    return str(path)
+
+
+def write_images(path, num_images: int = 24, seed: int = 0) -> str:
+    """A parquet file of random 32×32 images labelled with CLASSES in turn."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(num_images)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    labels = [i % len(CLASSES) for i in range(num_images)]
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-clip")
-    tiny_clip().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(24)]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
-    dataset = datasets.Dataset.from_dict({"image": images, "label": [i % 4 for i in range(24)]}, features=features)
-    path = tmp_path_factory.mktemp("data") / "test.parquet"
-    dataset.to_parquet(str(path))
-    return str(path)
+    return write_images(tmp_path_factory.mktemp("data") / "test.parquet")
 
 
 def test_forget_saves_an_adapter_that_records_the_classes(model_dir, tmp_path):
@@ -87,8 +97,9 @@ def test_eval_writes_before_and_after(model_dir, data_file, tmp_path):
         == 0
     )
     report = json.loads(out.read_text())
-    assert set(report) == {"before", "after"}
-    for side in report.values():
+    assert set(report) == {"before", "after", "models"}
+    assert report["models"]["after"] == f"{model_dir} + adapter {tmp_path / 'a'}"
+    for side in (report["before"], report["after"]):
         assert {"forget_accuracy", "retain_accuracy", "per_class"} <= set(side) and set(side["per_class"]) == set(
             CLASSES
         )
@@ -134,5 +145,5 @@ def test_bad_input_gets_a_clear_error(model_dir, data_file, tmp_path, capsys):
     BertModel(
         BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     ).save_pretrained(tmp_path / "bert")
-    with pytest.raises(SystemExit, match="not a CLIP-style dual encoder"):
-        main(["forget", str(tmp_path / "bert"), "--classes", "cat", "--output", str(tmp_path / "y")])
+    assert main(["forget", str(tmp_path / "bert"), "--classes", "cat", "--output", str(tmp_path / "y")]) == 2
+    assert "not a CLIP-style dual encoder" in capsys.readouterr().err

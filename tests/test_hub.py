@@ -11,10 +11,9 @@ from transformers import CLIPModel
 
 from hf_clip_forget import ForgetEvaluation, ForgetPeftModel, HubUploadError
 from hf_clip_forget.hub import escape_markdown
-from hf_clip_forget.testing_utils import tiny_clip, tiny_dual_encoder
+from hf_clip_forget.testing_utils import tiny_clip, tiny_dual_encoder, tiny_image_processor
 
 from .conftest import assert_same_state, image_features, state_snapshot
-from .test_hub_usable_push import tiny_image_processor
 
 
 def edited_model(tokenizer, base=None, **options):

@@ -13,7 +13,6 @@ from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
-    CLIPImageProcessorPil,
     CLIPModel,
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
@@ -22,15 +21,11 @@ from transformers import pipeline as transformers_pipeline
 
 from hf_clip_forget import add_forget_adapter
 from hf_clip_forget.models import EfficientNetLiteConfig, MeanPooledBertConfig
-from hf_clip_forget.testing_utils import tiny_clip, tiny_tokenizer
+from hf_clip_forget.testing_utils import tiny_clip, tiny_image_processor, tiny_tokenizer
 
 
 LABELS = ["cat", "dog", "truck", "bird"]
 TEMPLATE = "a photo of a {}."
-
-
-def tiny_image_processor():
-    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 def photo(seed: int = 0) -> Image.Image:

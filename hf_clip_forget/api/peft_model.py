@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -88,15 +89,17 @@ class ForgetPeftModel(PeftModel):
         refuse_mixed_batch(kwargs.get("adapter_names"))
         return super().forward(*args, **kwargs)
 
-    def get_image_features(self, *args, **kwargs):
-        """The base model's ``get_image_features`` with the active edits (mixed-adapter batches are refused)."""
-        refuse_mixed_batch(kwargs.pop("adapter_names", None))
-        return self.get_base_model().get_image_features(*args, **kwargs)
+    @property
+    def get_image_features(self):
+        """The base model's ``get_image_features`` (same signature) with the active edits; mixed-adapter batches
+        (``adapter_names=``), which transformers would silently ignore, are refused."""
+        return _refusing_mixed_batches(self.get_base_model().get_image_features)
 
-    def get_text_features(self, *args, **kwargs):
-        """The base model's ``get_text_features`` with the active edits (mixed-adapter batches are refused)."""
-        refuse_mixed_batch(kwargs.pop("adapter_names", None))
-        return self.get_base_model().get_text_features(*args, **kwargs)
+    @property
+    def get_text_features(self):
+        """The base model's ``get_text_features`` (same signature) with the active edits; ``adapter_names=`` is
+        refused."""
+        return _refusing_mixed_batches(self.get_base_model().get_text_features)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         writer = type(self).model_card_writer
@@ -273,6 +276,15 @@ class ForgetPeftModel(PeftModel):
             if layer.merged:
                 layer.unmerge()
         self.delete_adapter(adapter_name)
+
+
+def _refusing_mixed_batches(method):
+    @functools.wraps(method)  # keeps the signature: callers inspect it to pick the inputs it accepts
+    def call(*args, **kwargs):
+        refuse_mixed_batch(kwargs.pop("adapter_names", None))
+        return method(*args, **kwargs)
+
+    return call
 
 
 #: Config fields that shape an adapter's layers and settings: loading into an existing name keeps those.

@@ -13,22 +13,27 @@ version of the model (before/after an edit of ``visual_projection``) projects th
 Accuracies come from the ``forgetting_accuracy`` `evaluate` metric shipped here (:func:`load_forgetting_metric`).
 """
 
-from .data import LabelledColumns, check_labelled_images, load_labelled_images, resolve_columns
-from .metric import FORGETTING_METRIC_PATH, load_forgetting_metric
-from .zero_shot import (
-    ForgettingReport,
-    ImageFeatures,
-    ZeroShotReport,
-    class_embeddings,
-    embed_images,
-    evaluate_edit,
-    evaluate_zero_shot,
-    find_visual_projection,
-    pre_projection_features,
-    project_image_features,
-    score_predictions,
-    zero_shot_logits,
+from .cache import (
+    data_files_identity,
+    features_cache_dir,
+    features_cache_path,
+    image_features_key,
+    load_or_embed_image_features,
+    vision_tower_fingerprint,
 )
+from .data import LabelledColumns, check_labelled_images, load_labelled_images, resolve_columns
+from .features import (
+    ImageFeatures,
+    embed_images,
+    find_visual_projection,
+    launched_processes,
+    pre_projection_features,
+    process_state,
+    project_image_features,
+)
+from .metric import FORGETTING_METRIC_PATH, load_forgetting_metric
+from .reports import ForgettingReport, ZeroShotReport, score_predictions
+from .zero_shot import class_embeddings, evaluate_edit, evaluate_zero_shot, zero_shot_logits
 
 
 __all__ = [
@@ -39,15 +44,23 @@ __all__ = [
     "ZeroShotReport",
     "check_labelled_images",
     "class_embeddings",
+    "data_files_identity",
     "embed_images",
     "evaluate_edit",
     "evaluate_zero_shot",
+    "features_cache_dir",
+    "features_cache_path",
     "find_visual_projection",
+    "image_features_key",
+    "launched_processes",
     "load_forgetting_metric",
     "load_labelled_images",
+    "load_or_embed_image_features",
     "pre_projection_features",
+    "process_state",
     "project_image_features",
     "resolve_columns",
     "score_predictions",
+    "vision_tower_fingerprint",
     "zero_shot_logits",
 ]

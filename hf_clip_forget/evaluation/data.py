@@ -58,7 +58,8 @@ def resolve_columns(
     """
     if isinstance(dataset, datasets.DatasetDict):
         raise TypeError(
-            f"Got a DatasetDict with splits {sorted(dataset)}; evaluate one split, e.g. `dataset[{next(iter(dataset))!r}]`."
+            f"Got a DatasetDict with splits {sorted(dataset)}; evaluate one split, e.g. "
+            f"`dataset[{next(iter(dataset), 'test')!r}]`."
         )
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(

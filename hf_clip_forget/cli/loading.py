@@ -1,0 +1,201 @@
+"""Loading what the command line names — models, adapters, data, cached features — with one-line errors.
+
+A failure the user can fix becomes a :class:`CommandError` naming the file or repo and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+#: Commands whose work is shared across launched processes.
+MULTI_PROCESS_COMMANDS = ("eval", "sweep")
+
+
+class CommandError(Exception):
+    """A failure the user can fix; ``main`` prints it as one ``error:`` line."""
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~", "\\")) or os.path.isabs(name) or name.count("/") > 1
+
+
+def _corrupt_safetensors(directory: str) -> list[str]:
+    """The ``.safetensors`` files under ``directory`` (and its direct subfolders) whose header cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    corrupt = []
+    for root, folders, names in os.walk(directory):
+        for name in sorted(n for n in names if n.endswith(".safetensors")):
+            try:
+                with safe_open(os.path.join(root, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                corrupt.append(os.path.join(root, name))
+        if root != directory:
+            folders.clear()
+    return corrupt
+
+
+def _source_error(what: str, source: str, error: BaseException) -> str:
+    """One line saying why ``what`` could not be loaded from ``source`` and what to do."""
+    from huggingface_hub import constants
+    from safetensors import SafetensorError
+
+    local = os.path.expanduser(source)
+    if isinstance(error, SafetensorError):
+        if os.path.isdir(local):
+            files = _corrupt_safetensors(local) or [f"a .safetensors file in {source}"]
+            return (
+                f"{what} {source!r}: {', '.join(files)} is corrupt or truncated ({one_line(error)}). Save or copy it "
+                "again."
+            )
+        return (
+            f"{what} {source!r}: a .safetensors file of it in the Hub cache ({constants.HF_HUB_CACHE}) is corrupt or "
+            f"truncated ({one_line(error)}). Delete the repo's folder there and download it again."
+        )
+    message = one_line(error)
+    named = any(name in message for name in (source, local, os.path.realpath(local)))
+    if not os.path.exists(local) and constants.is_offline_mode():
+        return (
+            f"{what} {source!r} is not a local path and is not in the Hub cache, and offline mode is on "
+            "(HF_HUB_OFFLINE=1). Download it once online, or give a local directory."
+        )
+    if named and not isinstance(error, OSError):
+        return message  # our own loaders' errors name the source and say what to do
+    if os.path.exists(local):
+        return message if named else f"cannot load {what} from {source!r}: {message}"
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    return (
+        f"cannot load {what} {source!r} from the Hub ({constants.ENDPOINT}): {reason}. Check the id (and "
+        "`hf auth login` for a private repo) and your connection, or give a local directory."
+    )
+
+
+@contextlib.contextmanager
+def _loading(what: str, source: str, check_path: bool = True):
+    """Turn the errors of loading ``what`` from ``source`` (a path or Hub id) into one :class:`CommandError`;
+    with ``check_path``, refuse first a ``source`` that is spelled as a path but does not exist."""
+    from safetensors import SafetensorError
+
+    if check_path and not os.path.exists(os.path.expanduser(source)) and _looks_like_path(source):
+        raise CommandError(f"{what} {source!r} does not exist. Give an existing local path or a Hub repo id.")
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as error:
+        raise CommandError(_source_error(what, source, error)) from error
+
+
+def load_dual_encoder(name_or_path: str):
+    """``(model, tokenizer, image_processor)`` for MODEL; a clear error if it is not a dual encoder."""
+    from .. import models  # noqa: F401  (registers the demo towers' model types before from_pretrained)
+
+    if name_or_path == "demo":
+        from ..models.demo import load_demo_model
+
+        model, processor = load_demo_model()
+        return model, processor.tokenizer, processor.image_processor
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    with _loading("model", name_or_path):
+        model = AutoModel.from_pretrained(name_or_path).eval()
+    if not all(hasattr(model, name) for name in ("visual_projection", "text_projection", "get_text_features")):
+        raise CommandError(
+            f"{name_or_path!r} loads as {type(model).__name__}, which is not a CLIP-style dual encoder "
+            "(it needs visual_projection, text_projection and get_text_features). Use a CLIPModel or "
+            "VisionTextDualEncoderModel checkpoint, or `demo`."
+        )
+    with _loading("tokenizer", name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    with _loading("image processor", name_or_path):
+        return model, tokenizer, AutoImageProcessor.from_pretrained(name_or_path)
+
+
+def load_adapter(model, adapter: str):
+    """``model`` with the forget adapter(s) saved at ``adapter`` (a directory or Hub id) loaded and active."""
+    from ..api import ForgetPeftModel
+
+    local = os.path.expanduser(adapter)
+    if os.path.isdir(local) and not any(
+        os.path.isfile(os.path.join(folder, "adapter_config.json"))
+        for folder in [local] + [os.path.join(local, name) for name in os.listdir(local)]
+    ):
+        merged = os.path.isfile(os.path.join(local, "config.json"))
+        raise CommandError(
+            f"{adapter!r} holds no adapter_config.json, so it is not a saved forget adapter"
+            + (
+                " (it is a full model: evaluate it as MODEL, with --reference BASE for the 'before' column)."
+                if merged
+                else ". Give the directory `hf-clip-forget forget --output` wrote."
+            )
+        )
+    with _loading("adapter", adapter):
+        return ForgetPeftModel.from_pretrained(model, adapter)
+
+
+def load_data(data: str, split: str):
+    """``(dataset, source)``: the labelled images of ``--data`` and the path (resolved) or id they came from."""
+    from ..evaluation import load_labelled_images
+
+    # one cache entry per file, however its path is spelled (the datasets fingerprint depends on the path string)
+    source = os.path.realpath(os.path.expanduser(data)) if os.path.exists(os.path.expanduser(data)) else data
+    with _loading("data", data, check_path=False):  # its own message lists what --data can be
+        return load_labelled_images(source, split=split), source
+
+
+def cached_image_features(
+    model,
+    image_processor,
+    data: str,
+    split: str,
+    name_or_path: str | None = None,
+    use_cache: bool = True,
+    *,
+    accelerator=None,
+    batch_size: int = 64,
+):
+    """The pre-projection image features of a labelled image set, computed once and cached on disk.
+
+    The cache is keyed on the vision tower's weights, the image processor's settings and the data's identity
+    (:func:`hf_clip_forget.evaluation.image_features_key`), so ``name_or_path`` plays no part: it is accepted for
+    callers that pass it. With several processes (``accelerator``) the embedding is shared among them.
+    """
+    from ..evaluation import image_features_key, load_or_embed_image_features
+
+    dataset, source = load_data(data, split)
+    key = image_features_key(model, image_processor, dataset, source)
+    return load_or_embed_image_features(
+        key, model, image_processor, dataset, use_cache=use_cache, accelerator=accelerator, batch_size=batch_size
+    )
+
+
+def command_processes(command: str):
+    """The processes this run was launched as; only ``eval`` and ``sweep`` may have more than one."""
+    from ..evaluation import launched_processes, process_state
+
+    launched = launched_processes()
+    if launched > 1 and command not in MULTI_PROCESS_COMMANDS:
+        raise CommandError(
+            f"`{command}` runs in one process, but this run was launched as {launched}: run it without torchrun "
+            f"(only {' and '.join(MULTI_PROCESS_COMMANDS)} share their work across processes)."
+        )
+    try:
+        return process_state()
+    except RuntimeError as error:
+        raise CommandError(str(error)) from error
+
+
+def check_output_path(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CommandError(f"{option} {path!r} is a directory; give a file path.")
+    if not os.path.isdir(folder):
+        raise CommandError(f"{option} {path!r}: the folder {folder!r} does not exist. Create it first.")
