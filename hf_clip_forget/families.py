@@ -1,13 +1,15 @@
 """Which dual encoders forget adapters support, and where their joint embeddings come from: the one place that
 holds model-specific knowledge.
 
-A forget adapter edits the layer whose *output is* the joint embedding (``W' = M W``), so that every image (or text)
-embedding becomes ``M`` times the original. That is exact only when nothing follows the wrapped layer before the
-embedding is compared with the other side. Model classes are therefore listed here explicitly, after checking that
-property; any other class is refused with :class:`UnsupportedModelError` rather than edited inexactly (e.g.
-``XCLIPModel``: a multi-frame transformer follows ``visual_projection``).
+A forget adapter edits the layer whose *output is* the joint embedding (``W' = M W``, and ``b' = M b`` when the
+layer has a bias), so that every image (or text) embedding becomes ``M`` times the original. That is exact only when
+nothing but normalisation follows that layer before the embedding is compared with the other side. Model classes are
+therefore listed here explicitly, each after checking that property on both sides; any other class is refused with
+:class:`UnsupportedModelError` rather than edited inexactly (``XCLIPModel``, for one: a multi-frame transformer
+follows its ``visual_projection``).
 
-Layer 1: imports nothing from this package; transformers only by class name.
+Adding a family is one :class:`DualEncoderFamily` entry in :data:`FAMILIES`, plus its tiny model in the family
+tests. Layer 1: imports nothing from this package, and transformers only by class name.
 """
 
 from __future__ import annotations
@@ -16,36 +18,83 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class EmbeddingSide:
+    """One side of a dual encoder: the ``nn.Linear`` (bias allowed) whose output is that side's joint embedding.
+
+    Attributes:
+        module: dotted path of the layer inside the model (``"visual_projection"``, ``"visual_projection.3"``).
+        features: the model method that returns the embedding (``"get_image_features"``).
+    """
+
+    module: str
+    features: str
+
+
+@dataclass(frozen=True)
 class DualEncoderFamily:
-    """A family of contrastive dual encoders whose joint embeddings are outputs of bias-free ``nn.Linear`` layers.
+    """A family of contrastive dual encoders whose joint embeddings are outputs of ``nn.Linear`` layers.
 
     Attributes:
         name: a short name for messages and docs.
-        model_classes: transformers class names of the family (``type(model).__name__``).
-        image_projection: module path whose output is the image embedding.
-        text_projection: module path whose output is the text embedding.
+        model_classes: transformers class names of the family (matched along the model's MRO).
+        image: the image side (the side a forget edit removes classes from by default).
+        text: the text side.
         text_pooled_at_eos_token: the text embedding is read at the tokenizer's end-of-text token, whose id the
             model config names (``text_config.eos_token_id``; CLIP's legacy id 2 means "the largest id"), so a
             tokenizer that does not emit that id gives embeddings of the wrong token.
+        text_padding: how prompts are padded for the text tower (``"longest"``; ``"max_length"`` where the model
+            was trained on fixed-length text).
+        default_templates: the prompt templates class names are embedded with when none are given (a built-in
+            set of ``hf_clip_forget.core.TEMPLATE_SETS``: photo templates for image models).
     """
 
     name: str
     model_classes: tuple[str, ...]
-    image_projection: str = "visual_projection"
-    text_projection: str = "text_projection"
+    image: EmbeddingSide = EmbeddingSide("visual_projection", "get_image_features")
+    text: EmbeddingSide = EmbeddingSide("text_projection", "get_text_features")
     text_pooled_at_eos_token: bool = False
+    text_padding: str = "longest"
+    default_templates: str = "imagenet"
 
     @property
     def projections(self) -> dict[str, str]:
-        """``{"visual": image projection path, "text": text projection path}``."""
-        return {"visual": self.image_projection, "text": self.text_projection}
+        """``{"visual": image layer path, "text": text layer path}``."""
+        return {"visual": self.image.module, "text": self.text.module}
+
+    def target_modules(self, target: str) -> tuple[str, ...]:
+        """The layers a ``target`` (``"visual"``, ``"text"`` or ``"both"``) edits."""
+        sides = {"visual": (self.image.module,), "text": (self.text.module,)}
+        sides["both"] = sides["visual"] + sides["text"]
+        if target not in sides:
+            raise ValueError(f"`target` must be one of {list(sides)}, got {target!r}.")
+        return sides[target]
+
+    def is_text_side(self, module_name: str) -> bool:
+        """Whether ``module_name`` (a full module name, possibly prefixed) is this family's text-side layer."""
+        return module_name == self.text.module or module_name.endswith("." + self.text.module)
 
 
-#: Every supported family. ``VisionTextDualEncoderModel`` covers any vision/text tower pair (the embedded demo
-#: model is one); its embeddings are the outputs of its two projection layers, whatever the towers.
+#: Every supported family. Each was checked on a tiny random instance (tests/test_families.py): with the edit
+#: applied, the embeddings of the family's own feature functions and of its forward have |cos| <= 1e-5 with the
+#: forgotten directions on both sides, and merging is bit-exact to revert (docs/families.md).
 FAMILIES: tuple[DualEncoderFamily, ...] = (
     DualEncoderFamily("CLIP", ("CLIPModel",), text_pooled_at_eos_token=True),
+    # any vision and text tower pair (the embedded demo model is one): the projections are the embeddings
     DualEncoderFamily("vision-text dual encoder", ("VisionTextDualEncoderModel",)),
+    DualEncoderFamily("MetaCLIP 2", ("MetaClip2Model",)),
+    DualEncoderFamily("CLIPSeg", ("CLIPSegModel",)),
+    DualEncoderFamily("AltCLIP", ("AltCLIPModel",)),
+    DualEncoderFamily("Chinese-CLIP", ("ChineseCLIPModel",)),
+    DualEncoderFamily("AIMv2", ("Aimv2Model",)),
+    DualEncoderFamily("BLIP", ("BlipModel",)),
+    DualEncoderFamily("OWL-ViT", ("OwlViTModel", "Owlv2Model")),
+    # the last Linear (with bias) of Sequential(Linear, BatchNorm1d, ReLU, Linear)
+    DualEncoderFamily(
+        "GroupViT",
+        ("GroupViTModel",),
+        image=EmbeddingSide("visual_projection.3", "get_image_features"),
+        text=EmbeddingSide("text_projection.3", "get_text_features"),
+    ),
 )
 
 SUPPORTED_MODEL_CLASSES: tuple[str, ...] = tuple(name for family in FAMILIES for name in family.model_classes)
@@ -69,8 +118,27 @@ def family_of(model) -> DualEncoderFamily:
         f"{type(model).__name__} is not supported by forget adapters. An adapter edits the layer whose output is "
         "the joint embedding, which is exact only for model classes checked to have that property: "
         f"{', '.join(SUPPORTED_MODEL_CLASSES)}. (For example, XCLIPModel runs a multi-frame transformer after "
-        "`visual_projection`, so editing that layer would not remove the class from its video embeddings.)"
+        "`visual_projection`, so editing that layer would not remove the class from its video embeddings.) A new "
+        "family is declared by one DualEncoderFamily entry in hf_clip_forget.families: the dotted paths of the "
+        "nn.Linear layers whose outputs are its image and text embeddings."
     )
 
 
-__all__ = ["FAMILIES", "SUPPORTED_MODEL_CLASSES", "DualEncoderFamily", "UnsupportedModelError", "family_of"]
+def find_family(model) -> DualEncoderFamily | None:
+    """:func:`family_of` for a model or a wrapper of one (a ``PeftModel``), ``None`` when unsupported."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return family_of(base)
+    except UnsupportedModelError:
+        return None
+
+
+__all__ = [
+    "FAMILIES",
+    "SUPPORTED_MODEL_CLASSES",
+    "DualEncoderFamily",
+    "EmbeddingSide",
+    "UnsupportedModelError",
+    "family_of",
+    "find_family",
+]

@@ -146,4 +146,4 @@ def test_bad_input_gets_a_clear_error(model_dir, data_file, tmp_path, capsys):
         BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     ).save_pretrained(tmp_path / "bert")
     assert main(["forget", str(tmp_path / "bert"), "--classes", "cat", "--output", str(tmp_path / "y")]) == 2
-    assert "not a CLIP-style dual encoder" in capsys.readouterr().err
+    assert "which forget adapters do not support" in capsys.readouterr().err

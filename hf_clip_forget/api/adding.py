@@ -11,17 +11,14 @@ from peft import PeftModel
 from torch import Tensor, nn
 
 from ..core import DEFAULT_RANK_TOLERANCE, resolve_templates, validate_class_names
+from ..families import family_of
 from ..tuners.projection_edit import ProjectionEditConfig, ProjectionEditLayer
 from ..tuners.projection_edit.build import BuildInputs, BuiltAdapter, build_adapter
 from .peft_model import ForgetPeftModel, _quiet_peft_wrapping
 
 
-#: ``target`` option → projection layers edited.
-TARGETS: dict[str, tuple[str, ...]] = {
-    "visual": ("visual_projection",),
-    "text": ("text_projection",),
-    "both": ("visual_projection", "text_projection"),
-}
+#: ``target`` options: the image side, the text side, or both (the layers are the model family's).
+TARGETS: tuple[str, ...] = ("visual", "text", "both")
 
 #: id(base model) → the ForgetPeftModel wrapping it, so that a second call on the base model stacks onto it.
 _HOLDERS: weakref.WeakValueDictionary[int, ForgetPeftModel] = weakref.WeakValueDictionary()
@@ -124,7 +121,7 @@ def add_forget_adapter(
     base = holder.get_base_model() if holder is not None else model
     name = _new_adapter_name(adapter_name, holder)
     config = forget_config(
-        classes, text_embeds=text_embeds, retain_classes=retain_classes, retain_text_embeds=retain_text_embeds,
+        base, classes, text_embeds=text_embeds, retain_classes=retain_classes, retain_text_embeds=retain_text_embeds,
         alpha=alpha, method=method, templates=templates, average_templates=average_templates, target=target,
         ccup_lambda=ccup_lambda, ccup_mu=ccup_mu, keep_shared_direction=keep_shared_direction, domains=domains,
         retain_domains=retain_domains, paradigm=paradigm, domain_templates=domain_templates, prototypes=prototypes,
@@ -143,6 +140,7 @@ def add_forget_adapter(
 
 
 def forget_config(
+    model: nn.Module,
     classes,
     *,
     text_embeds=None,
@@ -160,7 +158,8 @@ def forget_config(
     prototype_options=None,
     **settings,
 ) -> ProjectionEditConfig:
-    """The validated :class:`ProjectionEditConfig` of an ``add_forget_adapter`` request, its defaults resolved.
+    """The validated :class:`ProjectionEditConfig` of an ``add_forget_adapter`` request on ``model`` (unwrapped),
+    its defaults resolved.
 
     ``settings`` are the config fields passed through unchanged (``alpha``, ``ccup_lambda``, ``ccup_mu``,
     ``average_templates``, ``domain_templates``, ``rank_tolerance``).
@@ -174,8 +173,7 @@ def forget_config(
     for argument, value in (("prototypes", prototypes), ("retain_prototypes", retain_prototypes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"`{argument}` must be an integer >= 0 (prototypes per cell), got {value!r}.")
-    if target not in TARGETS:
-        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {target!r}.")
+    target_modules = family_of(model).target_modules(target)  # refuses unsupported models and unknown targets
     domain_aware = any(x is not None for x in (domains, retain_domains, paradigm)) or bool(
         prototypes or retain_prototypes
     )
@@ -198,7 +196,7 @@ def forget_config(
             "classes (forget and retain). Pass the other classes the model should keep recognising."
         )
     return ProjectionEditConfig(
-        target_modules=list(TARGETS[target]),
+        target_modules=list(target_modules),
         method=method or ("ccup" if paradigm != "global" else "nullspace"),
         keep_shared_direction=bool(keep_shared_direction),
         paradigm=paradigm,
@@ -209,7 +207,7 @@ def forget_config(
         prototype_options=dict(prototype_options or {}) if (prototypes or retain_prototypes) else {},
         forgotten_classes=classes,
         retain_classes=list(retain_classes or []),
-        templates=resolve_templates(templates),
+        templates=resolve_templates(family_of(model).default_templates if templates is None else templates),
         embedding_source="text_embeds" if text_embeds is not None else "class_names",
         **settings,
     )

@@ -172,13 +172,22 @@ class ForgetPeftModel(PeftModel):
             for name, layer in self.base_model.forget_layers().items():
                 active = [n for n in self.active_adapters if n in layer.projection_edit_settings]
                 merged = layer.unedited_weight().clone()
+                bias = layer.unedited_bias()
+                bias = None if bias is None else bias.detach().clone()
                 if active:
                     edit = layer.combined_edit(active)
                     merged = edit.apply_to_weight(merged.to(torch.float32)).to(merged.dtype)
+                    bias = None if bias is None else edit.apply(bias.to(torch.float32)).to(bias.dtype)
                 plain = nn.Linear(
-                    layer.in_features, layer.out_features, bias=False, device=merged.device, dtype=merged.dtype
+                    layer.in_features,
+                    layer.out_features,
+                    bias=bias is not None,
+                    device=merged.device,
+                    dtype=merged.dtype,
                 )
                 plain.weight.data = merged
+                if bias is not None:
+                    plain.bias.data = bias
                 parent_name, _, child = name.rpartition(".")
                 parent = self.base_model.model.get_submodule(parent_name)
                 setattr(parent, child, plain)

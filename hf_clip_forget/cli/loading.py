@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+from ..families import SUPPORTED_MODEL_CLASSES, find_family
+
 
 #: Commands whose work is shared across launched processes.
 MULTI_PROCESS_COMMANDS = ("eval", "sweep")
@@ -104,11 +106,10 @@ def load_dual_encoder(name_or_path: str):
 
     with _loading("model", name_or_path):
         model = AutoModel.from_pretrained(name_or_path).eval()
-    if not all(hasattr(model, name) for name in ("visual_projection", "text_projection", "get_text_features")):
+    if find_family(model) is None:
         raise CommandError(
-            f"{name_or_path!r} loads as {type(model).__name__}, which is not a CLIP-style dual encoder "
-            "(it needs visual_projection, text_projection and get_text_features). Use a CLIPModel or "
-            "VisionTextDualEncoderModel checkpoint, or `demo`."
+            f"{name_or_path!r} loads as {type(model).__name__}, which forget adapters do not support. Supported: "
+            f"{', '.join(SUPPORTED_MODEL_CLASSES)} checkpoints, or `demo`."
         )
     with _loading("tokenizer", name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..families import SUPPORTED_MODEL_CLASSES, find_family
 from .subspace import normalize_rows
 
 
@@ -61,11 +62,16 @@ def _capture_projection_input(model: nn.Module):
     def hook(module, args):
         captured.append(args[0])
 
-    projection = getattr(model, "visual_projection", None)
+    family = find_family(model)
+    path = family.image.module if family is not None else "visual_projection"
+    try:
+        projection = model.get_submodule(path)
+    except AttributeError:
+        projection = None
     if not isinstance(projection, nn.Module):
         raise TypeError(
-            f"{type(model).__name__} has no `visual_projection` module; prototypes need a CLIP-style dual encoder "
-            "(CLIPModel, VisionTextDualEncoderModel)."
+            f"{type(model).__name__} has no `{path}` module; prototypes need a supported dual encoder "
+            f"({', '.join(SUPPORTED_MODEL_CLASSES)})."
         )
     return projection.register_forward_pre_hook(hook), captured
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..families import find_family
 from .subspace import normalize_rows
 from .templates import fill_templates
 
@@ -92,13 +93,16 @@ def encode_prompts(
     device = next(model.parameters()).device
     accepted = set(inspect.signature(model.get_text_features).parameters)
     max_length = _max_text_length(model, tokenizer)
+    family = find_family(model)
+    # "longest" (pad each batch to its longest prompt) or "max_length", as the family's text tower was trained
+    padding = True if family is None or family.text_padding == "longest" else family.text_padding
     vocab_size = getattr(getattr(model.config, "text_config", None), "vocab_size", None)
     batches = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="Encoding prompts", disable=not show_progress or len(starts) < 2, leave=False):
         batch = list(prompts[start : start + batch_size])
         inputs = tokenizer(
-            batch, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt"
+            batch, padding=padding, truncation=max_length is not None, max_length=max_length, return_tensors="pt"
         )
         if vocab_size is not None and int(inputs["input_ids"].max()) >= vocab_size:
             raise ValueError(

@@ -20,9 +20,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..families import find_family
 from .data import AUTO, check_labelled_images
 
 
+#: The image-side layer of models whose family is unknown (the family layer names it for supported ones).
 PROJECTION_NAME = "visual_projection"
 
 
@@ -94,18 +96,15 @@ class ImageFeatures:
 
 
 def find_visual_projection(model: nn.Module) -> nn.Module:
-    """The outermost module named ``visual_projection`` of ``model`` (a forget layer when the model holds
-    adapters on it, else the plain ``nn.Linear``)."""
-    matches = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name == PROJECTION_NAME or name.endswith("." + PROJECTION_NAME)
-    ]
+    """The outermost module at the image-side layer path of ``model``'s family (``hf_clip_forget.families``): a
+    forget layer when the model holds adapters on it, else the plain ``nn.Linear``."""
+    family = find_family(model)
+    path = family.image.module if family is not None else PROJECTION_NAME
+    matches = [(name, module) for name, module in model.named_modules() if name == path or name.endswith("." + path)]
     if not matches:
         raise ValueError(
-            f"{type(model).__name__} has no `{PROJECTION_NAME}` layer, so it is not a CLIP-style dual encoder. Use a "
-            "CLIPModel or VisionTextDualEncoderModel (or a model whose `get_image_features` applies a "
-            f"`{PROJECTION_NAME}` layer to the vision tower's pooled output)."
+            f"{type(model).__name__} has no `{path}` layer, so it is not a CLIP-style dual encoder. Use one of the "
+            "supported model classes (hf_clip_forget.families.SUPPORTED_MODEL_CLASSES)."
         )
     return min(matches, key=lambda item: item[0].count("."))[1]
 

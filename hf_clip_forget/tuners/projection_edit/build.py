@@ -81,15 +81,16 @@ def build_adapter(model: nn.Module, config: ProjectionEditConfig, inputs: BuildI
     modules = target_projections(model, config)
     _check_request(config, inputs)
     tokenizer = None
-    if _needs_text_tower(config, inputs, modules):
+    if _needs_text_tower(model, config, inputs, modules):
         tokenizer = resolve_tokenizer(model, inputs.tokenizer)
         check_tokenizer_matches_model(model, tokenizer, explicit=inputs.tokenizer is not None)
         warn_about_poorly_tokenized_classes(
-            tokenizer, [*config.forgotten_classes, *config.retain_classes], _all_templates(config)
+            tokenizer, [*config.forgotten_classes, *config.retain_classes], _all_templates(model, config)
         )
     with _edits_bypassed(model), torch.no_grad():
         embeddings = _Embedder(model, config, inputs, tokenizer).embeddings(modules)
-    factors = {name: _module_factors(name, config, embeddings) for name in modules}
+    family = family_of(model)
+    factors = {name: _module_factors(family.is_text_side(name), config, embeddings) for name in modules}
     empty = [name for name, f in factors.items() if f.forget.shape[1] == 0]
     if empty:
         raise ValueError(
@@ -115,7 +116,7 @@ def target_projections(model: nn.Module, config: ProjectionEditConfig) -> tuple[
     """The projection layers ``config`` edits (by attribute name), checked to exist on ``model``."""
     family = family_of(model)
     allowed = set(family.projections.values())
-    targets = config.target_modules or [family.image_projection]
+    targets = config.target_modules or [family.image.module]
     targets = [targets] if isinstance(targets, str) else sorted(targets)
     unknown = sorted(set(targets) - allowed)
     if unknown:
@@ -130,7 +131,7 @@ def target_projections(model: nn.Module, config: ProjectionEditConfig) -> tuple[
 
 def projection_shape(model: nn.Module, name: str) -> tuple[int, int]:
     """``(out_features, in_features)`` of projection ``name``; a clear error when it is not a bias-free Linear."""
-    layer = getattr(model, name, None)
+    layer = _submodule(model, name)
     if isinstance(layer, ProjectionEditLayer):
         layer = layer.get_base_layer()
     if not isinstance(layer, nn.Linear):
@@ -178,16 +179,16 @@ def _domain_aware(config: ProjectionEditConfig) -> bool:
     )
 
 
-def _needs_text_tower(config: ProjectionEditConfig, inputs: BuildInputs, modules: Sequence[str]) -> bool:
+def _needs_text_tower(model, config: ProjectionEditConfig, inputs: BuildInputs, modules: Sequence[str]) -> bool:
     return (
         inputs.text_embeds is None
-        or "text_projection" in modules
+        or family_of(model).text.module in modules
         or (bool(config.retain_classes) and inputs.retain_text_embeds is None)
     )
 
 
-def _all_templates(config: ProjectionEditConfig) -> list[str]:
-    templates = resolve_templates(config.templates or None)
+def _all_templates(model, config: ProjectionEditConfig) -> list[str]:
+    templates = resolve_templates(config.templates or family_of(model).default_templates)
     return [
         *templates,
         *(t for domain in config.domains for t in templates_of_domain(domain, config.domain_templates)),
@@ -207,8 +208,8 @@ class _Embedder:
 
     def __init__(self, model, config: ProjectionEditConfig, inputs: BuildInputs, tokenizer) -> None:
         self.model, self.config, self.inputs, self.tokenizer = model, config, inputs, tokenizer
-        self.templates = resolve_templates(config.templates or None)
-        self.dim = projection_shape(model, family_of(model).text_projection)[0]
+        self.templates = resolve_templates(config.templates or family_of(model).default_templates)
+        self.dim = projection_shape(model, family_of(model).text.module)[0]
 
     def embeddings(self, modules: Sequence[str]) -> _Embeddings:
         config, inputs = self.config, self.inputs
@@ -225,7 +226,7 @@ class _Embedder:
                 retain = _checked_rows(inputs.retain_text_embeds, self.dim, "retain_text_embeds")
             elif config.retain_classes:
                 retain = self._classes(config.retain_classes)
-        anchor = self._anchor() if "text_projection" in modules else None
+        anchor = self._anchor() if family_of(self.model).text.module in modules else None
         return _Embeddings(self.templates, forget, retain, anchor)
 
     def _classes(self, names: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
@@ -279,8 +280,8 @@ class _Embedder:
         return normalize_rows(anchor.mean(dim=0, keepdim=True)) if self.config.average_templates else anchor
 
 
-def _module_factors(name: str, config: ProjectionEditConfig, embeddings: _Embeddings) -> EditFactors:
-    if name == "text_projection":
+def _module_factors(text_side: bool, config: ProjectionEditConfig, embeddings: _Embeddings) -> EditFactors:
+    if text_side:
         return build_edit_factors(
             config.method, embeddings.forget, embeddings.retain, embeddings.anchor, rtol=config.rank_tolerance
         )
@@ -323,7 +324,7 @@ def base_fingerprints(model: nn.Module) -> dict[str, dict]:
     """Fingerprints of both projection weights of ``model`` as they are without any forget edit."""
     fingerprints = {}
     for name in family_of(model).projections.values():
-        layer = getattr(model, name, None)
+        layer = _submodule(model, name)
         if isinstance(layer, ProjectionEditLayer):
             fingerprints[name] = fingerprint_weight(layer.unedited_weight()).to_dict()
         elif isinstance(layer, nn.Linear):
@@ -357,6 +358,13 @@ def _edits_bypassed(model: nn.Module):
             if isinstance(module, ProjectionEditLayer):
                 stack.enter_context(module.edits_bypassed())
         yield
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _checked_rows(embeds, dim: int, argument: str) -> Tensor:

@@ -27,8 +27,9 @@ class ProjectionEditConfig(PeftConfig):
 
     Args:
         target_modules (`list[str]` or `str`, *optional*):
-            Projection layers to wrap. Defaults to `["visual_projection"]` for `CLIPModel` and
-            `VisionTextDualEncoderModel`; add `"text_projection"` for a text-side edit.
+            The layers to wrap: the image-side and/or text-side layer of the model's family
+            (`hf_clip_forget.families`; `visual_projection` / `text_projection` for CLIP). Defaults to the
+            image side.
         exclude_modules (`list[str]` or `str`, *optional*):
             Modules not to wrap.
         method (`str`, defaults to `"nullspace"`):
@@ -99,7 +100,7 @@ class ProjectionEditConfig(PeftConfig):
 
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Projection layers to wrap; default `visual_projection` for CLIP and dual encoders."},
+        metadata={"help": "Layers to wrap (the family's image and/or text layer); default: the image side."},
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to wrap."})
     method: str = field(default="nullspace", metadata={"help": "Edit method: 'nullspace' or 'ccup'."})

@@ -119,8 +119,9 @@ class ProjectionEditLayer(BaseTunerLayer):
         self.projection_edit_forget = BufferDict({}, persistent=True)
         self.projection_edit_retain = BufferDict({}, persistent=True)
         self.projection_edit_settings: dict[str, EditSettings] = {}
-        # the weight before the first merge; non-persistent, so it follows .to() but is never saved
+        # the weight (and bias) before the first merge; non-persistent, so they follow .to() but are never saved
         self.register_buffer("projection_edit_pristine_weight", None, persistent=False)
+        self.register_buffer("projection_edit_pristine_bias", None, persistent=False)
         self._edit_cache: dict[tuple, _CachedEdit] = {}
         self._merge_record: _MergeRecord | None = None
         self._bypass_edits = False
@@ -129,9 +130,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"Forget adapters wrap torch.nn.Linear projection layers, got {type(base).__name__}.")
-        if base.bias is not None:
-            # CLIP-style projections have no bias; with one, M(Wx + b) would need the bias merged too
-            raise TypeError("Forget adapters wrap bias-free projection layers; this nn.Linear has a bias.")
+        # with a bias, M(Wx + b) = (MW)x + Mb: merging writes MW and Mb, unmerging puts back both
         self.in_features, self.out_features = base.in_features, base.out_features
         self.kwargs = kwargs
 
@@ -242,6 +241,20 @@ class ProjectionEditLayer(BaseTunerLayer):
             return self.projection_edit_pristine_weight
         return self.get_base_weight()
 
+    def unedited_bias(self) -> torch.Tensor | None:
+        """The bias as it was before any merge (``None`` for a bias-free layer)."""
+        if self.projection_edit_pristine_bias is not None:
+            return self.projection_edit_pristine_bias
+        return self.get_base_layer().bias
+
+    def merged_bias(self, adapter_names: list[str]) -> torch.Tensor | None:
+        """``M b₀`` for the union of the already merged adapters and ``adapter_names`` (``None`` without a bias)."""
+        pristine = self.unedited_bias()
+        if pristine is None:
+            return None
+        edit = self.combined_edit(list(self.merged_adapters) + list(adapter_names))
+        return edit.apply(pristine.detach().to(torch.float32)).to(pristine.dtype)
+
     def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
         """``M W₀`` for the union of the already merged adapters and ``adapter_names``, in the weight's dtype.
 
@@ -250,7 +263,8 @@ class ProjectionEditLayer(BaseTunerLayer):
         pristine = self.unedited_weight()
         edit = self.combined_edit(list(self.merged_adapters) + list(adapter_names))
         merged = edit.apply_to_weight(pristine.to(torch.float32)).to(pristine.dtype)
-        if not torch.isfinite(merged).all():
+        bias = self.merged_bias(adapter_names)
+        if not torch.isfinite(merged).all() or (bias is not None and not torch.isfinite(bias).all()):
             # peft's wording ("The adapter default seems to be broken"), naming every adapter of the union
             broken = ", ".join(dict.fromkeys(list(self.merged_adapters) + list(adapter_names)))
             raise ValueError(
@@ -274,9 +288,18 @@ class ProjectionEditLayer(BaseTunerLayer):
         """Write a weight computed by :meth:`merged_weight` and record ``adapter_names`` as merged."""
         if self.projection_edit_pristine_weight is None:
             self.projection_edit_pristine_weight = self.get_base_weight().clone()
+            bias = self.get_base_layer().bias
+            self.projection_edit_pristine_bias = None if bias is None else bias.detach().clone()
+        bias = self.merged_bias(adapter_names)
         self.set_base_weight(merged)
+        self._set_bias(bias)
         self.merged_adapters.extend(adapter_names)
         self._record_merge()
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            with torch.no_grad():
+                self.get_base_layer().bias.copy_(bias)
 
     def _record_merge(self) -> None:
         """Remember what the merged weight was computed from (see :meth:`_check_merged_weight`)."""
@@ -309,6 +332,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         current = weight.detach()
         if weight_kept or torch.equal(current, self.unedited_weight()):
             self.set_base_weight(expected)
+            self._set_bias(self.merged_bias([]))
         elif not torch.equal(current, expected):
             raise RuntimeError(
                 f"A new weight was written into a projection layer with merged forget adapters {list(names)} (e.g. by "
@@ -324,7 +348,9 @@ class ProjectionEditLayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.set_base_weight(self.projection_edit_pristine_weight)
+        self._set_bias(self.projection_edit_pristine_bias)
         self.projection_edit_pristine_weight = None
+        self.projection_edit_pristine_bias = None
         self.merged_adapters.clear()
         self._merge_record = None
 
@@ -385,7 +411,7 @@ class Linear(nn.Module, ProjectionEditLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         refuse_mixed_batch(kwargs.pop("adapter_names", None))
         if self._bypass_edits:
-            return nn.functional.linear(x, self.unedited_weight().to(x.dtype))
+            return self._unedited_forward(x)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -397,7 +423,7 @@ class Linear(nn.Module, ProjectionEditLayer):
             if not pending:
                 return self.base_layer(x, *args, **kwargs)
             # some active adapters are not merged: apply the whole union to the unedited output
-            result = nn.functional.linear(x, self.unedited_weight().to(x.dtype))
+            result = self._unedited_forward(x)
             active = list(self.merged_adapters) + pending
         else:
             result = self.base_layer(x, *args, **kwargs)
@@ -405,6 +431,10 @@ class Linear(nn.Module, ProjectionEditLayer):
             return result
         edit = self.combined_edit(active)
         return edit.apply(result.to(torch.float32)).to(result.dtype)
+
+    def _unedited_forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.unedited_bias()
+        return nn.functional.linear(x, self.unedited_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def __repr__(self) -> str:
         return "projection_edit." + super().__repr__()

@@ -181,7 +181,7 @@ class ProjectionEditModel(BaseTuner):
         if isinstance(target, ProjectionEditLayer):
             target.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=True)
             return
-        image_side = target_name != "text_projection"
+        image_side = not family_of(self.model).is_text_side(current_key)
         new_module = self._create_new_module(adapter_name, target, settings, forget_rank, retain_rank, image_side)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

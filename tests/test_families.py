@@ -1,0 +1,176 @@
+"""Every supported dual-encoder family, on a tiny random instance: the edit is exact through the family's own feature
+functions and forward, on both sides, and merges, unmerges (bit for bit, biases included), saves and stacks."""
+
+import pytest
+import torch
+
+from hf_clip_forget import ForgetPeftModel
+from hf_clip_forget.core import SINGLE_TEMPLATE
+from hf_clip_forget.families import SUPPORTED_MODEL_CLASSES, family_of
+from hf_clip_forget.testing_utils import TINY_MODEL_CLASSES, tiny_model, tiny_pixel_inputs
+from hf_clip_forget.tuners.projection_edit import ProjectionEditLayer
+
+from .conftest import class_embeddings, features, max_abs_cos, state_snapshot, text_features
+
+
+FORGET = ["cat", "dog"]
+PROMPTS = ["a photo of a cat.", "a photo of a ship.", "a bad photo of the dog."]
+
+#: Written out, so that a family dropped from (or added to) the table fails here until this list says so.
+EXPECTED_CLASSES = (
+    "CLIPModel", "VisionTextDualEncoderModel", "MetaClip2Model", "CLIPSegModel", "AltCLIPModel", "ChineseCLIPModel",
+    "Aimv2Model", "BlipModel", "OwlViTModel", "Owlv2Model", "GroupViTModel",
+)  # fmt: skip
+
+every_family = pytest.mark.parametrize("class_name", SUPPORTED_MODEL_CLASSES)
+
+
+def forget(model, tokenizer, classes=FORGET, **options):
+    return model.add_forget_adapter(classes, tokenizer=tokenizer, show_progress=False, **options)
+
+
+def image_embeddings(model, class_name) -> torch.Tensor:
+    with torch.no_grad():
+        return features(model.get_image_features(**tiny_pixel_inputs(class_name)))
+
+
+def forward(model, class_name, tokenizer, prompts=PROMPTS):
+    inputs = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **tiny_pixel_inputs(class_name)
+        )
+
+
+def outputs(model, class_name, tokenizer) -> dict[str, torch.Tensor]:
+    """Image and text embeddings of the feature functions, and the forward's logits."""
+    return {
+        "image": image_embeddings(model, class_name),
+        "text": text_features(model, tokenizer, PROMPTS),
+        "logits": forward(model, class_name, tokenizer).logits_per_image,
+    }
+
+
+def single_template_embeddings(model, tokenizer, classes) -> torch.Tensor:
+    return class_embeddings(model, tokenizer, classes, templates=SINGLE_TEMPLATE)
+
+
+def base_state(model) -> dict[str, torch.Tensor]:
+    """The base model's own state under a peft wrapper: wrapped layers' weights under their plain names."""
+    state = model.get_base_model().state_dict()
+    return {name.replace(".base_layer.", "."): value for name, value in state.items() if "projection_edit_" not in name}
+
+
+def test_the_family_table_lists_exactly_the_checked_classes_and_each_has_a_tiny_model():
+    assert set(SUPPORTED_MODEL_CLASSES) == set(EXPECTED_CLASSES)
+    assert len(SUPPORTED_MODEL_CLASSES) == len(EXPECTED_CLASSES)  # no class in two families
+    assert set(TINY_MODEL_CLASSES) >= set(SUPPORTED_MODEL_CLASSES)
+
+
+@every_family
+def test_tiny_models_are_reproducible_and_fit_the_tiny_tokenizer(class_name):
+    model = tiny_model(class_name, seed=3)
+    assert type(model).__name__ == class_name and family_of(model) is not None and not model.training
+    text = model.config.text_config
+    assert text.vocab_size == 1000 and text.max_position_embeddings >= 64
+    assert model.get_submodule(family_of(model).image.module).out_features == 16
+    again = tiny_model(class_name, seed=3)
+    assert all(torch.equal(value, again.state_dict()[name]) for name, value in model.state_dict().items())
+    assert tiny_pixel_inputs(class_name, batch_size=2)["pixel_values"].shape == (2, 3, 32, 32)
+
+
+@every_family
+def test_visual_edit_removes_the_forgotten_classes_from_feature_and_forward_image_embeddings(class_name, tokenizer):
+    base = tiny_model(class_name)
+    directions = class_embeddings(base, tokenizer, FORGET)  # the default 80 templates, as the edit uses
+    assert max_abs_cos(image_embeddings(base, class_name), directions) > 1e-3  # there was something to remove
+    model = forget(base, tokenizer)
+    family = family_of(model.get_base_model())
+    assert isinstance(model.get_base_model().get_submodule(family.image.module), ProjectionEditLayer)
+    assert not isinstance(model.get_base_model().get_submodule(family.text.module), ProjectionEditLayer)
+    assert max_abs_cos(image_embeddings(model, class_name), directions) <= 1e-5
+    assert max_abs_cos(forward(model, class_name, tokenizer).image_embeds, directions) <= 1e-5
+
+
+@every_family
+def test_half_alpha_halves_the_forget_component(class_name, tokenizer):
+    base = tiny_model(class_name)
+    directions = single_template_embeddings(base, tokenizer, FORGET)
+    before = image_embeddings(base, class_name) @ directions.T
+    after = image_embeddings(forget(base, tokenizer, alpha=0.5, templates="single"), class_name) @ directions.T
+    torch.testing.assert_close(after, 0.5 * before, atol=1e-5 * before.abs().max().item(), rtol=0)
+
+
+@every_family
+def test_both_sides_keep_retain_prompts_and_send_forgotten_prompts_to_kept_ones(class_name, tokenizer):
+    base = tiny_model(class_name)
+    kept_prompts = ["a photo of a bird.", "a photo of a ship.", "a photo of a ."]  # retain classes and the anchor
+    kept_before = text_features(base, tokenizer, kept_prompts)
+    cat_before = text_features(base, tokenizer, ["a photo of a cat."])
+    direction = single_template_embeddings(base, tokenizer, ["cat"])
+    model = forget(
+        base, tokenizer, ["cat"], target="both", retain_classes=["bird", "ship"], templates="single",
+        keep_shared_direction=False,
+    )  # fmt: skip
+    family = family_of(model.get_base_model())
+    assert all(
+        isinstance(model.get_base_model().get_submodule(name), ProjectionEditLayer)
+        for name in (family.image.module, family.text.module)
+    )
+    torch.testing.assert_close(text_features(model, tokenizer, kept_prompts), kept_before, atol=1e-5, rtol=1e-5)
+    cat = text_features(model, tokenizer, ["a photo of a cat."]).double()
+    assert (cat - cat_before).norm() > 1e-3 * cat_before.norm()  # the forgotten prompt moved …
+    kept_basis = torch.linalg.qr(kept_before.T.double())[0]
+    assert (cat - (cat @ kept_basis) @ kept_basis.T).norm() <= 1e-5 * cat.norm()  # … into the kept prompts' span
+    assert max_abs_cos(image_embeddings(model, class_name), direction) <= 1e-5
+
+
+@every_family
+def test_merge_matches_unmerged_unmerge_restores_every_weight_and_bias_and_merge_and_unload(class_name, tokenizer):
+    base = tiny_model(class_name)
+    snapshot = state_snapshot(base)
+    model = forget(base, tokenizer, target="both", templates="single")
+    unmerged = outputs(model, class_name, tokenizer)
+
+    model.merge_adapter()
+    merged = outputs(model, class_name, tokenizer)
+    for name, value in unmerged.items():
+        torch.testing.assert_close(merged[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    state = base_state(model)
+    edited = [name for name in snapshot if not torch.equal(state[name], snapshot[name])]
+    family = family_of(model.get_base_model())
+    expected = {f"{layer}.{p}" for layer in family.projections.values() for p in ("weight", "bias")}
+    assert set(edited) == {name for name in expected if name in snapshot}  # b' = M b too where there is a bias
+
+    model.unmerge_adapter()
+    state = base_state(model)
+    assert set(state) == set(snapshot)
+    assert [name for name, value in snapshot.items() if not torch.equal(state[name], value)] == []
+    torch.testing.assert_close(outputs(model, class_name, tokenizer)["image"], unmerged["image"], atol=0, rtol=0)
+
+    plain = model.merge_and_unload()
+    assert type(plain).__name__ == class_name and set(plain.state_dict()) == set(snapshot)
+    assert not any(isinstance(module, ProjectionEditLayer) for module in plain.modules())
+    for name, value in outputs(plain, class_name, tokenizer).items():
+        torch.testing.assert_close(value, merged[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+@every_family
+def test_save_and_load_give_identical_outputs(class_name, tokenizer, tmp_path):
+    model = forget(tiny_model(class_name), tokenizer, target="both", templates="single")
+    expected = outputs(model, class_name, tokenizer)
+    model.save_pretrained(tmp_path)
+    reloaded = ForgetPeftModel.from_pretrained(tiny_model(class_name), tmp_path)
+    for name, value in outputs(reloaded, class_name, tokenizer).items():
+        assert torch.equal(value, expected[name]), name
+
+
+@every_family
+def test_stacked_adapters_remove_both_directions(class_name, tokenizer):
+    base = tiny_model(class_name)
+    directions = single_template_embeddings(base, tokenizer, ["dog", "cat"])
+    model = forget(base, tokenizer, ["dog"], templates="single")
+    forget(model, tokenizer, ["cat"], templates="single", adapter_name="cats")
+    assert model.active_adapters == ["default", "cats"]
+    assert max_abs_cos(image_embeddings(model, class_name), directions) <= 1e-5
+    assert max_abs_cos(forward(model, class_name, tokenizer).image_embeds, directions) <= 1e-5
