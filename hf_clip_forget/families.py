@@ -40,8 +40,10 @@ class DualEncoderFamily:
         image: the image side (the side a forget edit removes classes from by default).
         text: the text side.
         text_pooled_at_eos_token: the text embedding is read at the tokenizer's end-of-text token, whose id the
-            model config names (``text_config.eos_token_id``; CLIP's legacy id 2 means "the largest id"), so a
-            tokenizer that does not emit that id gives embeddings of the wrong token.
+            model config names (``text_config.eos_token_id``), so a tokenizer that does not emit that id gives
+            embeddings of the wrong token.
+        legacy_eos_id_reads_largest_id: with ``eos_token_id == 2`` (old CLIP configs) the model reads the
+            largest token id instead (CLIP's legacy branch), so that id need not be emitted.
         text_padding: how prompts are padded for the text tower (``"longest"``; ``"max_length"`` where the model
             was trained on fixed-length text).
         default_templates: the prompt templates class names are embedded with when none are given (a built-in
@@ -53,6 +55,7 @@ class DualEncoderFamily:
     image: EmbeddingSide = EmbeddingSide("visual_projection", "get_image_features")
     text: EmbeddingSide = EmbeddingSide("text_projection", "get_text_features")
     text_pooled_at_eos_token: bool = False
+    legacy_eos_id_reads_largest_id: bool = False
     text_padding: str = "longest"
     default_templates: str = "imagenet"
 
@@ -78,14 +81,16 @@ class DualEncoderFamily:
 #: applied, the embeddings of the family's own feature functions and of its forward have |cos| <= 1e-5 with the
 #: forgotten directions on both sides, and merging is bit-exact to revert (docs/families.md).
 FAMILIES: tuple[DualEncoderFamily, ...] = (
-    DualEncoderFamily("CLIP", ("CLIPModel",), text_pooled_at_eos_token=True),
+    DualEncoderFamily("CLIP", ("CLIPModel",), text_pooled_at_eos_token=True, legacy_eos_id_reads_largest_id=True),
     # any vision and text tower pair (the embedded demo model is one): the projections are the embeddings
     DualEncoderFamily("vision-text dual encoder", ("VisionTextDualEncoderModel",)),
-    DualEncoderFamily("MetaCLIP 2", ("MetaClip2Model",)),
-    DualEncoderFamily("CLIPSeg", ("CLIPSegModel",)),
+    DualEncoderFamily("MetaCLIP 2", ("MetaClip2Model",), text_pooled_at_eos_token=True),
+    DualEncoderFamily(
+        "CLIPSeg", ("CLIPSegModel",), text_pooled_at_eos_token=True, legacy_eos_id_reads_largest_id=True
+    ),
     DualEncoderFamily("AltCLIP", ("AltCLIPModel",)),
     DualEncoderFamily("Chinese-CLIP", ("ChineseCLIPModel",)),
-    DualEncoderFamily("AIMv2", ("Aimv2Model",)),
+    DualEncoderFamily("AIMv2", ("Aimv2Model",), text_pooled_at_eos_token=True),
     DualEncoderFamily("BLIP", ("BlipModel",)),
     DualEncoderFamily("OWL-ViT", ("OwlViTModel", "Owlv2Model")),
     # the last Linear (with bias) of Sequential(Linear, BatchNorm1d, ReLU, Linear)
@@ -94,6 +99,8 @@ FAMILIES: tuple[DualEncoderFamily, ...] = (
         ("GroupViTModel",),
         image=EmbeddingSide("visual_projection.3", "get_image_features"),
         text=EmbeddingSide("text_projection.3", "get_text_features"),
+        text_pooled_at_eos_token=True,
+        legacy_eos_id_reads_largest_id=True,
     ),
 )
 

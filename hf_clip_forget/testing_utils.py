@@ -106,39 +106,46 @@ def random_pixels(batch_size: int = 4, image_size: int = 32, seed: int = 1) -> t
     return torch.randn(batch_size, 3, image_size, image_size, generator=generator)
 
 
-# One tiny random config per supported model class (besides tiny_clip / tiny_dual_encoder): transformers config class
-# name and its arguments. Text towers fit tiny_tokenizer (vocab 1000, [PAD]/[BOS]/[EOS] = 0/2/3, 64 positions);
-# images are 32×32; the joint embedding has 16 dimensions.
+# One tiny random config per supported model class besides CLIPModel and VisionTextDualEncoderModel: the transformers
+# config class and its arguments. Text towers fit tiny_tokenizer (vocab 1000, [PAD]/[BOS]/[EOS] = 0/2/3, 64
+# positions), images are 32×32 and every joint embedding has 16 dimensions.
 _TEXT = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3)  # fmt: skip
+# BERT-style towers read token 0 ([BOS]), which at the default init scale is nearly one vector for every prompt
+_BERT_TEXT = dict(_TEXT, initializer_range=0.5)
 _VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                num_attention_heads=4)  # fmt: skip
+# fmt: off
 _TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "MetaClip2Model": ("MetaClip2Config", dict(text_config=_TEXT, vision_config=_VISION)),
     "CLIPSegModel": ("CLIPSegConfig", dict(text_config=_TEXT, vision_config=_VISION)),
     # RoBERTa positions start after the padding id; the text tower maps hidden 32 to project_dim 24 first
-    "AltCLIPModel": ("AltCLIPConfig", dict(text_config=dict(_TEXT, max_position_embeddings=66, project_dim=24),
-                                           vision_config=_VISION)),  # fmt: skip
-    "ChineseCLIPModel": ("ChineseCLIPConfig", dict(text_config=_TEXT, vision_config=_VISION)),
+    "AltCLIPModel": ("AltCLIPConfig", dict(text_config=dict(_BERT_TEXT, max_position_embeddings=66, project_dim=24),
+                                           vision_config=_VISION)),
+    "ChineseCLIPModel": ("ChineseCLIPConfig", dict(text_config=_BERT_TEXT, vision_config=_VISION)),
     # the attention-pooling head gives the image embedding
     "Aimv2Model": ("Aimv2Config", dict(text_config=_TEXT, vision_config=dict(_VISION, use_head=True))),
-    "BlipModel": ("BlipConfig", dict(text_config=dict(_TEXT, encoder_hidden_size=32, sep_token_id=3),
-                                     vision_config=_VISION, image_text_hidden_size=12)),  # fmt: skip
+    "BlipModel": ("BlipConfig", dict(text_config=dict(_BERT_TEXT, encoder_hidden_size=32, sep_token_id=3),
+                                     vision_config=_VISION, image_text_hidden_size=12)),
+    # OWL pools text at the largest token id (CLIP's EOS in real checkpoints); with tiny_tokenizer that is the
+    # alphabetically last word of a prompt, so only class names sorting after the template words differ
     "OwlViTModel": ("OwlViTConfig", dict(text_config=_TEXT, vision_config=_VISION)),
     "Owlv2Model": ("Owlv2Config", dict(text_config=_TEXT, vision_config=_VISION)),
-    # projections are Sequential(Linear, BatchNorm1d, ReLU, Linear): eval mode matters
+    # projections are Sequential(Linear, BatchNorm1d, ReLU, Linear), hence eval mode
     "GroupViTModel": ("GroupViTConfig", dict(
         text_config=_TEXT, projection_intermediate_dim=24,
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=3, depths=[1, 1, 1], num_group_tokens=[4, 2, 0], num_output_groups=[4, 2, 2]),
-    )),  # fmt: skip
+                           num_hidden_layers=3, depths=[1, 1, 1], num_group_tokens=[4, 2, 0],
+                           num_output_groups=[4, 2, 2]),
+    )),
 }
+# fmt: on
 #: Every model class :func:`tiny_model` builds.
 TINY_MODEL_CLASSES: tuple[str, ...] = ("CLIPModel", "VisionTextDualEncoderModel", *_TINY_CONFIGS)
 
 
 def tiny_model(class_name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A randomly initialised tiny ``class_name`` model (one of :data:`TINY_MODEL_CLASSES`) in eval mode, fitting
+    """A randomly initialised tiny ``class_name`` (one of :data:`TINY_MODEL_CLASSES`) in eval mode, fitting
     :func:`tiny_tokenizer` and 32×32 images, with 16-dimensional joint embeddings."""
     if class_name == "CLIPModel":
         return tiny_clip(seed, dtype=dtype)
@@ -150,15 +157,20 @@ def tiny_model(class_name: str, seed: int = 0, dtype: torch.dtype = torch.float3
 
     config_name, arguments = _TINY_CONFIGS[class_name]
     config = getattr(transformers, config_name)(projection_dim=16, **arguments)
-    if class_name == "Aimv2Model":  # with SDPA an unpadded text batch is attended bidirectionally (transformers 5)
+    if class_name == "Aimv2Model":  # under SDPA an unpadded text batch is attended bidirectionally (transformers 5)
         config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return getattr(transformers, class_name)(config).to(dtype).eval()
+    model = getattr(transformers, class_name)(config)
+    with torch.no_grad():  # initialisation zeroes biases; trained ones (GroupViT's projection's, say) are not
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(std=0.02)
+    return model.to(dtype).eval()
 
 
 def tiny_pixel_inputs(class_name: str, batch_size: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
-    """The keyword arguments of ``get_image_features`` for ``batch_size`` seeded random images of the tiny
-    ``class_name`` model (every tiny family takes 32×32 ``pixel_values``)."""
+    """The keyword arguments of ``class_name``'s ``get_image_features`` for ``batch_size`` seeded random images of
+    its tiny model (every tiny family takes 32×32 ``pixel_values``)."""
     if class_name not in TINY_MODEL_CLASSES:
         raise ValueError(f"No tiny {class_name}; choose one of {TINY_MODEL_CLASSES}.")
     return {"pixel_values": random_pixels(batch_size, 32, seed)}

@@ -13,8 +13,10 @@ from hf_clip_forget.tuners.projection_edit import ProjectionEditLayer
 from .conftest import class_embeddings, features, max_abs_cos, state_snapshot, text_features
 
 
-FORGET = ["cat", "dog"]
-PROMPTS = ["a photo of a cat.", "a photo of a ship.", "a bad photo of the dog."]
+# Class names that sort after the template words: OWL-ViT pools text at the largest token id, the alphabetically last
+# word with tiny_tokenizer, so "cat" and "dog" would give it one and the same "a photo of a {}." embedding.
+FORGET = ["truck", "tree"]
+PROMPTS = ["a photo of a truck.", "a photo of a ship.", "a bad photo of the tree."]
 
 #: Written out, so that a family dropped from (or added to) the table fails here until this list says so.
 EXPECTED_CLASSES = (
@@ -58,7 +60,9 @@ def single_template_embeddings(model, tokenizer, classes) -> torch.Tensor:
 def base_state(model) -> dict[str, torch.Tensor]:
     """The base model's own state under a peft wrapper: wrapped layers' weights under their plain names."""
     state = model.get_base_model().state_dict()
-    return {name.replace(".base_layer.", "."): value for name, value in state.items() if "projection_edit_" not in name}
+    return {
+        name.replace(".base_layer.", "."): value for name, value in state.items() if "projection_edit_" not in name
+    }
 
 
 def test_the_family_table_lists_exactly_the_checked_classes_and_each_has_a_tiny_model():
@@ -104,12 +108,12 @@ def test_half_alpha_halves_the_forget_component(class_name, tokenizer):
 @every_family
 def test_both_sides_keep_retain_prompts_and_send_forgotten_prompts_to_kept_ones(class_name, tokenizer):
     base = tiny_model(class_name)
-    kept_prompts = ["a photo of a bird.", "a photo of a ship.", "a photo of a ."]  # retain classes and the anchor
+    kept_prompts = ["a photo of a ship.", "a photo of a rocket.", "a photo of a ."]  # retain classes and the anchor
     kept_before = text_features(base, tokenizer, kept_prompts)
-    cat_before = text_features(base, tokenizer, ["a photo of a cat."])
-    direction = single_template_embeddings(base, tokenizer, ["cat"])
+    forgotten_before = text_features(base, tokenizer, ["a photo of a truck."]).double()
+    direction = single_template_embeddings(base, tokenizer, ["truck"])
     model = forget(
-        base, tokenizer, ["cat"], target="both", retain_classes=["bird", "ship"], templates="single",
+        base, tokenizer, ["truck"], target="both", retain_classes=["ship", "rocket"], templates="single",
         keep_shared_direction=False,
     )  # fmt: skip
     family = family_of(model.get_base_model())
@@ -118,10 +122,15 @@ def test_both_sides_keep_retain_prompts_and_send_forgotten_prompts_to_kept_ones(
         for name in (family.image.module, family.text.module)
     )
     torch.testing.assert_close(text_features(model, tokenizer, kept_prompts), kept_before, atol=1e-5, rtol=1e-5)
-    cat = text_features(model, tokenizer, ["a photo of a cat."]).double()
-    assert (cat - cat_before).norm() > 1e-3 * cat_before.norm()  # the forgotten prompt moved …
+    forgotten = text_features(model, tokenizer, ["a photo of a truck."]).double()
     kept_basis = torch.linalg.qr(kept_before.T.double())[0]
-    assert (cat - (cat @ kept_basis) @ kept_basis.T).norm() <= 1e-5 * cat.norm()  # … into the kept prompts' span
+
+    def outside_kept_span(x):
+        return (x - (x @ kept_basis) @ kept_basis.T).norm()
+
+    # the forgotten prompt was outside the kept prompts' span (a little, in a random BERT tower) and is now inside
+    assert outside_kept_span(forgotten_before) > 5e-4 * forgotten_before.norm()
+    assert outside_kept_span(forgotten) <= 1e-5 * forgotten.norm()
     assert max_abs_cos(image_embeddings(model, class_name), direction) <= 1e-5
 
 
@@ -168,9 +177,9 @@ def test_save_and_load_give_identical_outputs(class_name, tokenizer, tmp_path):
 @every_family
 def test_stacked_adapters_remove_both_directions(class_name, tokenizer):
     base = tiny_model(class_name)
-    directions = single_template_embeddings(base, tokenizer, ["dog", "cat"])
-    model = forget(base, tokenizer, ["dog"], templates="single")
-    forget(model, tokenizer, ["cat"], templates="single", adapter_name="cats")
-    assert model.active_adapters == ["default", "cats"]
+    directions = single_template_embeddings(base, tokenizer, ["truck", "rocket"])
+    model = forget(base, tokenizer, ["truck"], templates="single")
+    forget(model, tokenizer, ["rocket"], templates="single", adapter_name="rockets")
+    assert model.active_adapters == ["default", "rockets"]
     assert max_abs_cos(image_embeddings(model, class_name), directions) <= 1e-5
     assert max_abs_cos(forward(model, class_name, tokenizer).image_embeds, directions) <= 1e-5

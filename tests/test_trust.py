@@ -210,3 +210,13 @@ def test_a_model_whose_embedding_is_not_the_wrapped_layers_output_is_refused(tok
         get_peft_model(model, config)
     assert_same_state(model, snapshot)
     assert not has_forget_layers(model)
+
+
+@pytest.mark.parametrize("class_name", ["CLIPModel", "MetaClip2Model", "CLIPSegModel", "Aimv2Model", "GroupViTModel"])
+def test_every_family_that_reads_text_at_the_eos_id_refuses_a_tokenizer_without_it(tokenizer, class_name):
+    from hf_clip_forget.testing_utils import tiny_model
+
+    model = tiny_model(class_name)
+    model.config.text_config.eos_token_id = 999  # never emitted by the tiny tokenizer
+    with pytest.raises(ValueError, match="does not end prompts with the token id 999"):
+        add_forget_adapter(model, ["dog"], tokenizer, templates="single", show_progress=False)

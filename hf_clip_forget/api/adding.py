@@ -304,13 +304,13 @@ _model_method.__name__ = "add_forget_adapter"
 
 
 def install_model_methods() -> None:
-    """Give every supported model class an ``add_forget_adapter`` method (idempotent; an existing attribute of
-    that name is never replaced)."""
+    """Give every supported model class, and :class:`ForgetPeftModel` (where it stacks), an ``add_forget_adapter``
+    method (idempotent; an existing attribute of that name is never replaced)."""
     import transformers
 
     from ..families import SUPPORTED_MODEL_CLASSES
 
-    for class_name in SUPPORTED_MODEL_CLASSES:
-        model_cls = getattr(transformers, class_name, None)
-        if model_cls is not None and not hasattr(model_cls, "add_forget_adapter"):
+    classes = [getattr(transformers, name, None) for name in SUPPORTED_MODEL_CLASSES] + [ForgetPeftModel]
+    for model_cls in classes:
+        if model_cls is not None and "add_forget_adapter" not in vars(model_cls):
             model_cls.add_forget_adapter = _model_method

@@ -7,7 +7,7 @@ import copy
 import functools
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -30,8 +30,9 @@ class ForgetPeftModel(PeftModel):
     Everything of ``PeftModel`` works as usual (``merge_adapter``, ``unmerge_adapter``, ``merge_and_unload``,
     ``unload``, ``delete_adapter``, ``disable_adapter``, ``save_pretrained``, ``get_image_features``…). In addition:
 
-    * :meth:`add_forget_adapter` adds another named adapter; all added adapters are active together and their
-      combined effect is the union of their forget subspaces;
+    * ``add_forget_adapter`` (installed by :mod:`hf_clip_forget.api.adding`, which builds adapters) adds another
+      named adapter; all added adapters are active together and their combined effect is the union of their
+      forget subspaces;
     * :meth:`set_adapter` accepts a list of names;
     * :meth:`save_pretrained` records the stack and a checksum of every factor; :meth:`from_pretrained` loads every
       adapter of a saved stack and activates them all, and :meth:`load_adapter` refuses factors that are not
@@ -46,13 +47,6 @@ class ForgetPeftModel(PeftModel):
     model_card_writer: ClassVar[Callable[..., None] | None] = None
     #: Uploads a model to the Hub: ``uploader(model, repo_id, **options)``; plugged in by :mod:`hf_clip_forget.hub`.
     hub_uploader: ClassVar[Callable[..., Any] | None] = None
-
-    def add_forget_adapter(self, classes: Sequence[str] | None = None, tokenizer=None, **options) -> ForgetPeftModel:
-        """Add another forget adapter on top of the active ones. Same arguments as
-        :func:`~hf_clip_forget.add_forget_adapter`, whose ``adapter_name`` must be new (default ``"forget_<n>"``)."""
-        from .adding import add_forget_adapter
-
-        return add_forget_adapter(self, classes, tokenizer, **options)
 
     def verify(self, tokenizer=None, image_processor=None, **options):
         """Recompute every adapter from its recorded classes and settings and compare with the stored factors; see

@@ -33,10 +33,11 @@ def check_tokenizer_matches_model(model, tokenizer, explicit: bool = True) -> No
 
 
 def _check_pooling_token(model, tokenizer) -> None:
-    if not family_of(model).text_pooled_at_eos_token:
+    family = family_of(model)
+    if not family.text_pooled_at_eos_token:
         return
     eos = getattr(getattr(model.config, "text_config", None), "eos_token_id", None)
-    if eos is None or eos == 2:  # CLIP's legacy configs say 2 and pool at the largest id instead
+    if eos is None or (eos == 2 and family.legacy_eos_id_reads_largest_id):
         return
     ids = tokenizer(PROBE_PROMPT)["input_ids"]
     if eos not in ids:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...core.subspace import EditSpec, LowRankEdit, compose_edits
+from .edit_state import CachedEdit, FactorState, MergeRecord, tensor_token
 
 
 @dataclass(frozen=True)
@@ -36,52 +37,6 @@ def refuse_mixed_batch(adapter_names) -> None:
     """Raise the ``ValueError`` of :data:`MIXED_BATCH_ERROR` when ``adapter_names`` is given (not ``None``)."""
     if adapter_names is not None:
         raise ValueError(MIXED_BATCH_ERROR)
-
-
-def _tensor_token(tensor: torch.Tensor | None) -> tuple | None:
-    """What identifies the *contents* of ``tensor`` for the edit cache, or ``None`` when they cannot be tracked.
-
-    Every in-place change (``copy_`` by ``load_state_dict``, ``set_peft_model_state_dict``, ``load_adapter``)
-    bumps ``_version``; a replaced storage (``.data = ...``, ``assign=True``) changes ``data_ptr``. Inference tensors
-    have no version counter, so they are never cached.
-    """
-    if tensor is None:
-        return ()
-    if tensor.is_inference():
-        return None
-    return (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.device)
-
-
-class _FactorState(NamedTuple):
-    """The factor tensors and settings a combined edit was computed from.
-
-    ``tensors`` holds references, compared by identity: keeping them alive means no other tensor can take their
-    place (and their ``id``/``data_ptr``) while this state is kept."""
-
-    tensors: tuple
-    tokens: tuple | None  # None: some factor is an inference tensor, whose changes cannot be tracked
-
-    def same_as(self, other: _FactorState) -> bool:
-        return (
-            self.tokens is not None
-            and self.tokens == other.tokens
-            and len(self.tensors) == len(other.tensors)
-            and all(a is b for a, b in zip(self.tensors, other.tensors, strict=True))
-        )
-
-
-class _CachedEdit(NamedTuple):
-    state: _FactorState
-    edit: LowRankEdit
-
-
-class _MergeRecord(NamedTuple):
-    """What the merged weight was computed from, and the weight as written."""
-
-    names: tuple[str, ...]
-    factors: _FactorState
-    weight: torch.Tensor
-    weight_token: tuple | None
 
 
 class ProjectionEditLayer(BaseTunerLayer):
@@ -122,8 +77,8 @@ class ProjectionEditLayer(BaseTunerLayer):
         # the weight (and bias) before the first merge; non-persistent, so they follow .to() but are never saved
         self.register_buffer("projection_edit_pristine_weight", None, persistent=False)
         self.register_buffer("projection_edit_pristine_bias", None, persistent=False)
-        self._edit_cache: dict[tuple, _CachedEdit] = {}
-        self._merge_record: _MergeRecord | None = None
+        self._edit_cache: dict[tuple, CachedEdit] = {}
+        self._merge_record: MergeRecord | None = None
         self._bypass_edits = False
         self._disable_adapters = False
         self.merged_adapters = []
@@ -201,22 +156,22 @@ class ProjectionEditLayer(BaseTunerLayer):
         if state.tokens is None:
             self._edit_cache.pop(key, None)
         else:
-            self._edit_cache[key] = _CachedEdit(state, edit)
+            self._edit_cache[key] = CachedEdit(state, edit)
         return edit
 
-    def _factor_state(self, names) -> _FactorState:
+    def _factor_state(self, names) -> FactorState:
         """The factor tensors and settings of ``names`` (present on this layer), with their change tokens."""
         tensors, tokens = [], []
         for name in sorted(set(names) & set(self.projection_edit_settings)):
             tokens.append((name, self.projection_edit_settings[name]))
             for store in (self.projection_edit_forget, self.projection_edit_retain):
                 tensor = store[name] if name in store else None
-                token = _tensor_token(tensor)
+                token = tensor_token(tensor)
                 if token is None:
-                    return _FactorState(tuple(tensors), None)
+                    return FactorState(tuple(tensors), None)
                 tensors.append(tensor)
                 tokens.append(token)
-        return _FactorState(tuple(tensors), tuple(tokens))
+        return FactorState(tuple(tensors), tuple(tokens))
 
     def _spec(self, name: str) -> EditSpec:
         settings = self.projection_edit_settings[name]
@@ -305,7 +260,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         """Remember what the merged weight was computed from (see :meth:`_check_merged_weight`)."""
         weight = self.get_base_layer().weight
         names = tuple(self.merged_adapters)
-        self._merge_record = _MergeRecord(names, self._factor_state(names), weight, _tensor_token(weight))
+        self._merge_record = MergeRecord(names, self._factor_state(names), weight, tensor_token(weight))
 
     @torch.compiler.disable
     def _check_merged_weight(self) -> None:
@@ -324,7 +279,7 @@ class ProjectionEditLayer(BaseTunerLayer):
             return
         weight = self.get_base_layer().weight
         names = tuple(self.merged_adapters)
-        weight_token = _tensor_token(weight)
+        weight_token = tensor_token(weight)
         weight_kept = weight is record.weight and weight_token is not None and weight_token == record.weight_token
         if names == record.names and weight_kept and self._factor_state(names).same_as(record.factors):
             return
