@@ -24,10 +24,14 @@ class EmbeddingSide:
     Attributes:
         module: dotted path of the layer inside the model (``"visual_projection"``, ``"visual_projection.3"``).
         features: the model method that returns the embedding (``"get_image_features"``).
+        mergeable: the module is an ``nn.Linear``, so the edit can be written into its weights; otherwise (a module
+            whose output is the embedding but that ends in, e.g., a residual sum) the edit is applied to its output
+            and merging is refused.
     """
 
     module: str
     features: str
+    mergeable: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,16 @@ FAMILIES: tuple[DualEncoderFamily, ...] = (
     DualEncoderFamily("AIMv2", ("Aimv2Model",), text_pooled_at_eos_token=True),
     DualEncoderFamily("BLIP", ("BlipModel",)),
     DualEncoderFamily("OWL-ViT", ("OwlViTModel", "Owlv2Model")),
+    # image: the attention-pooling head's output is the embedding, but the head ends in a residual sum, so no
+    # weight can hold the edit: it is applied to the head's output. Text: a Linear with bias, read at the last
+    # position of text padded to the model's fixed length.
+    DualEncoderFamily(
+        "SigLIP",
+        ("SiglipModel",),
+        image=EmbeddingSide("vision_model.head", "get_image_features", mergeable=False),
+        text=EmbeddingSide("text_model.head", "get_text_features"),
+        text_padding="max_length",
+    ),
     # the last Linear (with bias) of Sequential(Linear, BatchNorm1d, ReLU, Linear)
     DualEncoderFamily(
         "GroupViT",

@@ -131,6 +131,8 @@ _TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     # alphabetically last word of a prompt, so only class names sorting after the template words differ
     "OwlViTModel": ("OwlViTConfig", dict(text_config=_TEXT, vision_config=_VISION)),
     "Owlv2Model": ("Owlv2Config", dict(text_config=_TEXT, vision_config=_VISION)),
+    # the image embedding is the attention-pooling head's output; text is read at the last of 64 padded positions
+    "SiglipModel": ("SiglipConfig", dict(text_config=_TEXT, vision_config=_VISION)),
     # projections are Sequential(Linear, BatchNorm1d, ReLU, Linear), hence eval mode
     "GroupViTModel": ("GroupViTConfig", dict(
         text_config=_TEXT, projection_intermediate_dim=24,
@@ -146,7 +148,7 @@ TINY_MODEL_CLASSES: tuple[str, ...] = ("CLIPModel", "VisionTextDualEncoderModel"
 
 def tiny_model(class_name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised tiny ``class_name`` (one of :data:`TINY_MODEL_CLASSES`) in eval mode, fitting
-    :func:`tiny_tokenizer` and 32×32 images, with 16-dimensional joint embeddings."""
+    :func:`tiny_tokenizer` and 32×32 images, with 16-dimensional joint embeddings (SigLIP: 32, its hidden size)."""
     if class_name == "CLIPModel":
         return tiny_clip(seed, dtype=dtype)
     if class_name == "VisionTextDualEncoderModel":

@@ -10,7 +10,7 @@ from hf_clip_forget.families import SUPPORTED_MODEL_CLASSES, family_of
 from hf_clip_forget.testing_utils import TINY_MODEL_CLASSES, tiny_model, tiny_pixel_inputs
 from hf_clip_forget.tuners.projection_edit import ProjectionEditLayer
 
-from .conftest import class_embeddings, features, max_abs_cos, state_snapshot, text_features
+from .conftest import class_embeddings, features, max_abs_cos, state_snapshot
 
 
 # Class names that sort after the template words: OWL-ViT pools text at the largest token id, the alphabetically last
@@ -21,10 +21,19 @@ PROMPTS = ["a photo of a truck.", "a photo of a ship.", "a bad photo of the tree
 #: Written out, so that a family dropped from (or added to) the table fails here until this list says so.
 EXPECTED_CLASSES = (
     "CLIPModel", "VisionTextDualEncoderModel", "MetaClip2Model", "CLIPSegModel", "AltCLIPModel", "ChineseCLIPModel",
-    "Aimv2Model", "BlipModel", "OwlViTModel", "Owlv2Model", "GroupViTModel",
+    "Aimv2Model", "BlipModel", "OwlViTModel", "Owlv2Model", "SiglipModel", "GroupViTModel",
 )  # fmt: skip
 
 every_family = pytest.mark.parametrize("class_name", SUPPORTED_MODEL_CLASSES)
+
+
+def mergeable(class_name: str) -> bool:
+    family = family_of(tiny_model(class_name))
+    return family.image.mergeable and family.text.mergeable
+
+
+MERGEABLE = [name for name in SUPPORTED_MODEL_CLASSES if mergeable(name)]
+NOT_MERGEABLE = [name for name in SUPPORTED_MODEL_CLASSES if not mergeable(name)]
 
 
 def forget(model, tokenizer, classes=FORGET, **options):
@@ -36,8 +45,24 @@ def image_embeddings(model, class_name) -> torch.Tensor:
         return features(model.get_image_features(**tiny_pixel_inputs(class_name)))
 
 
+def tokenize(model, tokenizer, prompts):
+    """Prompts padded as the family's text tower expects (SigLIP: to its fixed length)."""
+    family = family_of(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if family.text_padding == "max_length":
+        return tokenizer(prompts, padding="max_length", max_length=64, return_tensors="pt")
+    return tokenizer(prompts, padding=True, return_tensors="pt")
+
+
+def text_features(model, tokenizer, prompts) -> torch.Tensor:
+    inputs = tokenize(model, tokenizer, prompts)
+    with torch.no_grad():
+        return features(
+            model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        )
+
+
 def forward(model, class_name, tokenizer, prompts=PROMPTS):
-    inputs = tokenizer(prompts, padding=True, return_tensors="pt")
+    inputs = tokenize(model, tokenizer, prompts)
     with torch.no_grad():
         return model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **tiny_pixel_inputs(class_name)
@@ -77,7 +102,9 @@ def test_tiny_models_are_reproducible_and_fit_the_tiny_tokenizer(class_name):
     assert type(model).__name__ == class_name and family_of(model) is not None and not model.training
     text = model.config.text_config
     assert text.vocab_size == 1000 and text.max_position_embeddings >= 64
-    assert model.get_submodule(family_of(model).image.module).out_features == 16
+    assert model.get_submodule(family_of(model).text.module).out_features == (
+        32 if class_name == "SiglipModel" else 16
+    )
     again = tiny_model(class_name, seed=3)
     assert all(torch.equal(value, again.state_dict()[name]) for name, value in model.state_dict().items())
     assert tiny_pixel_inputs(class_name, batch_size=2)["pixel_values"].shape == (2, 3, 32, 32)
@@ -134,7 +161,7 @@ def test_both_sides_keep_retain_prompts_and_send_forgotten_prompts_to_kept_ones(
     assert max_abs_cos(image_embeddings(model, class_name), direction) <= 1e-5
 
 
-@every_family
+@pytest.mark.parametrize("class_name", MERGEABLE)
 def test_merge_matches_unmerged_unmerge_restores_every_weight_and_bias_and_merge_and_unload(class_name, tokenizer):
     base = tiny_model(class_name)
     snapshot = state_snapshot(base)
@@ -183,3 +210,26 @@ def test_stacked_adapters_remove_both_directions(class_name, tokenizer):
     assert model.active_adapters == ["default", "rockets"]
     assert max_abs_cos(image_embeddings(model, class_name), directions) <= 1e-5
     assert max_abs_cos(forward(model, class_name, tokenizer).image_embeds, directions) <= 1e-5
+
+
+@pytest.mark.parametrize("class_name", NOT_MERGEABLE)
+def test_an_edit_that_cannot_be_merged_refuses_every_merge_and_changes_nothing(class_name, tokenizer, tmp_path):
+    base = tiny_model(class_name)
+    snapshot = state_snapshot(base)
+    model = forget(base, tokenizer, target="both", templates="single")
+    assert model.peft_config["default"].mergeable is False
+    unmerged = outputs(model, class_name, tokenizer)
+    for attempt in (model.merge_adapter, model.merge_and_unload, lambda: model.save_merged_pretrained(tmp_path / "m")):
+        with pytest.raises(ValueError, match="cannot be written into weights"):
+            attempt()
+        assert base_state(model).keys() == snapshot.keys()
+        assert all(torch.equal(base_state(model)[name], value) for name, value in snapshot.items())
+        for name, value in outputs(model, class_name, tokenizer).items():
+            assert torch.equal(value, unmerged[name]), name
+    assert not (tmp_path / "m").exists()
+    model.save_pretrained(tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "Not mergeable" in card and "model.merge_adapter()" not in card
+    original = model.unload()
+    assert not any(isinstance(module, ProjectionEditLayer) for module in original.modules())
+    assert all(torch.equal(original.state_dict()[name], value) for name, value in snapshot.items())

@@ -163,6 +163,8 @@ class ForgetPeftModel(PeftModel):
         """Temporarily replace every forget layer by a plain ``nn.Linear`` holding its merged weight."""
         swapped = []
         try:
+            for layer in self.base_model.forget_layers().values():
+                layer._refuse_merge()  # before anything is swapped or written
             for name, layer in self.base_model.forget_layers().items():
                 active = [n for n in self.active_adapters if n in layer.projection_edit_settings]
                 merged = layer.unedited_weight().clone()

@@ -213,6 +213,7 @@ def build_model_card(
         method_notes=_method_notes(configs.values()),
         evaluations=[_evaluation_row(e) for e in evaluations],
         edited_modules="`, `".join(edited_modules),
+        mergeable=all(getattr(config, "mergeable", True) for config in configs.values()),
         fingerprints=fingerprints,
         created=escape_markdown(first.provenance.get("created", "unknown")),
         versions=", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in versions.items()) or "unknown",

@@ -125,8 +125,19 @@ def target_projections(model: nn.Module, config: ProjectionEditConfig) -> tuple[
             f"only {sorted(allowed)} (the layers whose outputs are the joint embeddings)."
         )
     for name in targets:
-        projection_shape(model, name)
+        if is_mergeable_side(family, name):
+            projection_shape(model, name)
+        elif _submodule(model, name) is None:
+            raise ValueError(
+                f"{type(model).__name__} has no `{name}` module, where its {family.name} embedding is made."
+            )
     return tuple(targets)
+
+
+def is_mergeable_side(family, name: str) -> bool:
+    """Whether the family's layer ``name`` is an ``nn.Linear`` whose edit can be merged into its weights."""
+    side = family.text if family.is_text_side(name) else family.image
+    return side.mergeable
 
 
 def projection_shape(model: nn.Module, name: str) -> tuple[int, int]:
@@ -303,7 +314,10 @@ def _filled_config(model, config, templates, modules, factors: dict[str, EditFac
         domain_templates={domain: templates_of_domain(domain, config.domain_templates) for domain in domains},
         rank_pattern={name: int(f.forget.shape[1]) for name, f in factors.items()},
         retain_rank_pattern={name: int(f.retain.shape[1]) for name, f in factors.items() if f.retain is not None},
-        projection_shapes={name: list(projection_shape(model, name)) for name in modules},
+        projection_shapes={
+            name: list(projection_shape(model, name)) for name in modules if is_mergeable_side(family_of(model), name)
+        },
+        mergeable=all(is_mergeable_side(family_of(model), name) for name in modules),
         base_model_name_or_path=shareable_model_id(getattr(model, "name_or_path", None)),
         base_fingerprints=base_fingerprints(model),
         base_model_revision=getattr(model.config, "_commit_hash", None),
@@ -325,7 +339,7 @@ def base_fingerprints(model: nn.Module) -> dict[str, dict]:
     fingerprints = {}
     for name in family_of(model).projections.values():
         layer = _submodule(model, name)
-        if isinstance(layer, ProjectionEditLayer):
+        if isinstance(layer, ProjectionEditLayer) and layer.mergeable:
             fingerprints[name] = fingerprint_weight(layer.unedited_weight()).to_dict()
         elif isinstance(layer, nn.Linear):
             fingerprints[name] = fingerprint_weight(layer.weight).to_dict()

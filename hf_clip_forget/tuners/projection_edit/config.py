@@ -80,6 +80,9 @@ class ProjectionEditConfig(PeftConfig):
             Relative singular-value threshold below which directions were dropped from the bases.
         embedding_source (`str`, defaults to `"class_names"`):
             `"class_names"` (embedded with the model's text tower) or `"text_embeds"` (vectors given by the user).
+        mergeable (`bool`, defaults to `True`):
+            Whether the edit can be merged into the weights: false when a wrapped module is not a Linear layer
+            (SigLIP's image pooling head), whose output is then edited and merging is refused.
         stack (`list[str]`):
             When saved as part of a stack: the names of every adapter saved together, this one first. A stack is
             loaded whole by `ForgetPeftModel.from_pretrained`; plain peft would load only this one, so it refuses.
@@ -141,6 +144,12 @@ class ProjectionEditConfig(PeftConfig):
     )
     embedding_source: str = field(
         default="class_names", metadata={"help": "'class_names' or 'text_embeds' (precomputed vectors)."}
+    )
+    mergeable: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether every wrapped layer is a Linear layer the edit can be merged into (filled on build)."
+        },
     )
     stack: list = field(
         default_factory=list, metadata={"help": "Names of the adapters saved together with this one (this one first)."}

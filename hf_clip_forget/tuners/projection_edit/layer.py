@@ -67,7 +67,9 @@ class ProjectionEditLayer(BaseTunerLayer):
         "projection_edit_settings",
     )
 
-    def __init__(self, base_layer: nn.Module, image_side: bool = True, **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, image_side: bool = True, embedding_dim: int | None = None, **kwargs
+    ) -> None:
         self.base_layer = base_layer
         # image-side layers apply Mᵀ so that logits v·t see M applied to the text directions (LowRankEdit.transposed)
         self.image_side = image_side
@@ -83,10 +85,19 @@ class ProjectionEditLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"Forget adapters wrap torch.nn.Linear projection layers, got {type(base).__name__}.")
-        # with a bias, M(Wx + b) = (MW)x + Mb: merging writes MW and Mb, unmerging puts back both
-        self.in_features, self.out_features = base.in_features, base.out_features
+        # an nn.Linear is mergeable: with a bias, M(Wx + b) = (MW)x + Mb, so merging writes MW and Mb and unmerging
+        # puts back both. Another module whose output is the embedding (SigLIP's pooling head) is edited on its
+        # output only: exact, never merged.
+        self.mergeable = isinstance(base, nn.Linear)
+        if self.mergeable:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif embedding_dim is not None:
+            self.in_features, self.out_features = None, int(embedding_dim)
+        else:
+            raise TypeError(
+                f"Forget adapters wrap torch.nn.Linear layers, or a module whose output is the embedding when its "
+                f"dimension is given; got {type(base).__name__}."
+            )
         self.kwargs = kwargs
 
     def update_layer(
@@ -97,7 +108,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         retain_rank: int,
         inference_mode: bool = True,
     ) -> None:
-        device = self.get_base_layer().weight.device
+        device = self._device()
         # zeros until set_factors() or a checkpoint fills them; float32 whatever the model dtype
         self.projection_edit_forget[adapter_name] = torch.zeros(self.out_features, forget_rank, device=device)
         if retain_rank:
@@ -110,7 +121,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         """Store the ``(d, k)`` forget factor (and the CCUP retain factor) of ``adapter_name`` as float32."""
         if adapter_name not in self.projection_edit_settings:
             raise KeyError(f"Adapter {adapter_name!r} does not exist on this layer.")
-        device = self.get_base_layer().weight.device
+        device = self._device()
         for store, factor in ((self.projection_edit_forget, forget), (self.projection_edit_retain, retain)):
             if factor is None:
                 continue
@@ -121,12 +132,25 @@ class ProjectionEditLayer(BaseTunerLayer):
             store[adapter_name] = factor.detach().to(device=device, dtype=torch.float32).contiguous()
         self._edit_cache.clear()
 
+    def _device(self) -> torch.device:
+        return next(self.get_base_layer().parameters()).device
+
+    def _refuse_merge(self) -> None:
+        if not self.mergeable:
+            raise ValueError(
+                f"This forget adapter edits the output of a {type(self.get_base_layer()).__name__}, which is not a "
+                "Linear layer (e.g. SigLIP's image pooling head, whose output is the embedding but which ends in a "
+                "residual sum): the edit is exact on its output but cannot be written into weights. Keep the "
+                "adapter unmerged (save and push it as an adapter), or edit the text side (target='text'), which "
+                "is mergeable. Nothing was merged."
+            )
+
     def _get_available_adapters(self) -> set[str]:
         return set(self.projection_edit_settings)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # peft's default would also cast the factors to the base layer's dtype (bf16 factors are not orthonormal)
-        device = device if device is not None else self.get_base_layer().weight.device
+        device = device if device is not None else self._device()
         for store in (self.projection_edit_forget, self.projection_edit_retain):
             if adapter_name in store and store[adapter_name].device.type != "meta":
                 store[adapter_name] = store[adapter_name].to(device)
@@ -143,7 +167,7 @@ class ProjectionEditLayer(BaseTunerLayer):
         """The float32 edit of the union of ``adapter_names`` (those present on this layer), cached: ``M`` of
         :func:`~hf_clip_forget.core.compose_edits` on a text-side layer, ``Mᵀ`` on an image-side one."""
         names = tuple(sorted(name for name in adapter_names if name in self.projection_edit_settings))
-        device = self.get_base_layer().weight.device
+        device = self._device()
         key = (names, device, self.image_side)
         state = self._factor_state(names)
         cached = self._edit_cache.get(key)
@@ -187,6 +211,7 @@ class ProjectionEditLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``M W − W`` for this one adapter alone on the unedited weight (float32), as peft's API expects."""
+        self._refuse_merge()
         weight = self.unedited_weight().to(torch.float32)
         return self.combined_edit([adapter_name]).apply_to_weight(weight) - weight
 
@@ -213,8 +238,10 @@ class ProjectionEditLayer(BaseTunerLayer):
     def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
         """``M W₀`` for the union of the already merged adapters and ``adapter_names``, in the weight's dtype.
 
-        Computes without writing anything; raises a ``ValueError`` if the result is not finite.
+        Computes without writing anything; raises a ``ValueError`` if the result is not finite, or if the layer
+        is not mergeable.
         """
+        self._refuse_merge()
         pristine = self.unedited_weight()
         edit = self.combined_edit(list(self.merged_adapters) + list(adapter_names))
         merged = edit.apply_to_weight(pristine.to(torch.float32)).to(pristine.dtype)
@@ -319,8 +346,8 @@ class ProjectionEditLayer(BaseTunerLayer):
             self._bypass_edits = previous
 
 
-class Linear(nn.Module, ProjectionEditLayer):
-    """A forget adapter around an ``nn.Linear`` projection layer."""
+class _ForgetModule(nn.Module, ProjectionEditLayer):
+    """The forget layer as a module (see :class:`Linear` and :class:`OutputEdit`)."""
 
     def __init__(
         self,
@@ -331,10 +358,11 @@ class Linear(nn.Module, ProjectionEditLayer):
         retain_rank: int = 0,
         inference_mode: bool = True,
         image_side: bool = True,
+        embedding_dim: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
-        ProjectionEditLayer.__init__(self, base_layer, image_side=image_side, **kwargs)
+        ProjectionEditLayer.__init__(self, base_layer, image_side=image_side, embedding_dim=embedding_dim, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=inference_mode)
         self.register_load_state_dict_post_hook(_refuse_non_finite_factors)
@@ -348,7 +376,7 @@ class Linear(nn.Module, ProjectionEditLayer):
             for key, value in getattr(self, store_name).items()
         }
         result = super()._apply(fn, recurse)
-        device = self.get_base_layer().weight.device
+        device = self._device()
         for (store_name, key), value in factors.items():
             getattr(self, store_name)[key] = value.to(device=device, dtype=torch.float32)
         self._edit_cache.clear()
@@ -366,7 +394,7 @@ class Linear(nn.Module, ProjectionEditLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         refuse_mixed_batch(kwargs.pop("adapter_names", None))
         if self._bypass_edits:
-            return self._unedited_forward(x)
+            return self._unedited_forward(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -378,7 +406,7 @@ class Linear(nn.Module, ProjectionEditLayer):
             if not pending:
                 return self.base_layer(x, *args, **kwargs)
             # some active adapters are not merged: apply the whole union to the unedited output
-            result = self._unedited_forward(x)
+            result = self._unedited_forward(x, *args, **kwargs)
             active = list(self.merged_adapters) + pending
         else:
             result = self.base_layer(x, *args, **kwargs)
@@ -387,12 +415,23 @@ class Linear(nn.Module, ProjectionEditLayer):
         edit = self.combined_edit(active)
         return edit.apply(result.to(torch.float32)).to(result.dtype)
 
-    def _unedited_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _unedited_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.mergeable:
+            return self.base_layer(x, *args, **kwargs)
         bias = self.unedited_bias()
         return nn.functional.linear(x, self.unedited_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def __repr__(self) -> str:
         return "projection_edit." + super().__repr__()
+
+
+class Linear(_ForgetModule):
+    """A forget adapter around an ``nn.Linear`` (bias allowed) whose output is the joint embedding: mergeable."""
+
+
+class OutputEdit(_ForgetModule):
+    """A forget adapter on the output of a module that is not a Linear layer but whose output is the joint
+    embedding (SigLIP's image pooling head): ``y ↦ M y``, exact; merging is refused."""
 
 
 def _refuse_non_finite_factors(layer: ProjectionEditLayer, incompatible_keys) -> None:

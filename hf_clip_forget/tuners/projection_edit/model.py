@@ -12,7 +12,7 @@ from ...core.fingerprint import WeightFingerprint, fingerprint_weight
 from ...families import family_of
 from .build import build_adapter, can_build, is_built
 from .config import ProjectionEditConfig
-from .layer import EditSettings, Linear, ProjectionEditLayer, refuse_mixed_batch
+from .layer import EditSettings, Linear, OutputEdit, ProjectionEditLayer, refuse_mixed_batch
 from .registration import PREFIX
 
 
@@ -104,7 +104,7 @@ class ProjectionEditModel(BaseTuner):
                 )
         for pattern in (config.rank_pattern, config.retain_rank_pattern):
             for suffix, rank in pattern.items():
-                out_features = self._projection(suffix).out_features
+                out_features = self._output_dim(suffix)
                 if rank > out_features:
                     raise ValueError(
                         f"The adapter asks for {rank} factor columns on `{suffix}`, which has only {out_features} "
@@ -159,6 +159,14 @@ class ProjectionEditModel(BaseTuner):
             "projection layer (CLIPModel, VisionTextDualEncoderModel)."
         )
 
+    def _output_dim(self, suffix: str) -> int:
+        """The dimension of the embedding layer ``suffix`` produces (for a module that is not a Linear layer,
+        the dimension of the joint embedding: the text side's)."""
+        layer = self._projection(suffix)
+        if isinstance(layer, nn.Linear):
+            return layer.out_features
+        return self._projection(family_of(self.model).text.module).out_features
+
     def unedited_weight(self, suffix: str) -> torch.Tensor:
         """The weight of projection ``suffix`` as it is without any forget edit (merged or not)."""
         for name, module in self.model.named_modules():
@@ -181,20 +189,35 @@ class ProjectionEditModel(BaseTuner):
         if isinstance(target, ProjectionEditLayer):
             target.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=True)
             return
-        image_side = not family_of(self.model).is_text_side(current_key)
-        new_module = self._create_new_module(adapter_name, target, settings, forget_rank, retain_rank, image_side)
+        family = family_of(self.model)
+        image_side = not family.is_text_side(current_key)
+        new_module = self._create_new_module(
+            adapter_name, target, settings, forget_rank, retain_rank, image_side, self._output_dim(current_key)
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
-    def _create_new_module(adapter_name, target, settings, forget_rank, retain_rank, image_side=True) -> Linear:
+    def _create_new_module(
+        adapter_name, target, settings, forget_rank, retain_rank, image_side=True, embedding_dim=None
+    ) -> Linear | OutputEdit:
+        """A :class:`Linear` forget layer around an ``nn.Linear`` (mergeable), else an :class:`OutputEdit` on the
+        module's output (the family layer declares which modules these are)."""
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"Target module {target} is not supported: forget adapters wrap torch.nn.Linear layers.")
-        return Linear(
-            target, adapter_name, settings, forget_rank, retain_rank, inference_mode=True, image_side=image_side
-        )
+        layer_cls = Linear if isinstance(base, nn.Linear) else OutputEdit
+        return layer_cls(
+            target, adapter_name, settings, forget_rank, retain_rank, inference_mode=True, image_side=image_side,
+            embedding_dim=embedding_dim,
+        )  # fmt: skip
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # peft re-points `weight`/`bias` of the module put back on unload; a module edited on its output (not a
+        # Linear layer) is simply put back as it was
+        if isinstance(child, OutputEdit) and not isinstance(new_module, BaseTunerLayer):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for param in model.parameters():
