@@ -220,3 +220,22 @@ def test_every_family_that_reads_text_at_the_eos_id_refuses_a_tokenizer_without_
     model.config.text_config.eos_token_id = 999  # never emitted by the tiny tokenizer
     with pytest.raises(ValueError, match="does not end prompts with the token id 999"):
         add_forget_adapter(model, ["dog"], tokenizer, templates="single", show_progress=False)
+
+
+def test_a_tokenizer_with_another_start_token_is_refused(tokenizer):
+    model = tiny_clip()
+    model.config.text_config.bos_token_id = 5  # the tiny tokenizer starts every prompt with 2
+    with pytest.raises(ValueError, match="start-of-text token is 5"):
+        add_forget_adapter(model, ["dog"], tokenizer, show_progress=False)
+
+
+def test_peft_entry_points_take_the_tokenizer_the_config_names_or_say_how_to_give_one(checkpoint, tokenizer, pixels):
+    bare = tiny_clip()  # not loaded from a checkpoint: no tokenizer to find
+    snapshot = state_snapshot(bare)
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        get_peft_model(bare, ProjectionEditConfig(forgotten_classes=["dog"]))
+    assert_same_state(bare, snapshot)
+    named = ProjectionEditConfig(forgotten_classes=["dog"], tokenizer_name_or_path=str(checkpoint))
+    edited = get_peft_model(tiny_clip(), named)
+    assert forgets(edited, tokenizer, ["dog"], pixels)
+    assert edited.peft_config["default"].tokenizer_name_or_path is None  # a local path is never recorded

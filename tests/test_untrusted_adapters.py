@@ -168,3 +168,17 @@ def test_plain_peft_loading_refuses_non_finite_factors_at_load_naming_the_adapte
     replace_factor(directory, broken)
     with pytest.raises(ValueError, match="forget adapter 'default' contain NaN or inf"):
         PeftModel.from_pretrained(tiny_clip(), directory)
+
+
+def test_a_saved_config_never_holds_the_local_path_of_the_base_model(tmp_path, tokenizer):
+    from transformers import CLIPModel
+
+    base_dir = tmp_path / "private" / "base"
+    tiny_clip().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model = add_forget_adapter(CLIPModel.from_pretrained(base_dir), ["dog"], show_progress=False)
+    model.add_forget_adapter(["cat"], adapter_name="pets", show_progress=False)
+    model.save_pretrained(tmp_path / "saved")  # peft fills an unset base_model_name_or_path while saving
+    for path in (tmp_path / "saved").rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md"):
+            assert str(base_dir) not in path.read_text(), path

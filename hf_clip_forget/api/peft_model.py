@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -14,8 +15,9 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from ..files import write_directory_atomically
+from ..files import ADAPTER_CONFIG_NAME, write_directory_atomically
 from ..tuners.projection_edit import ProjectionEditConfig, loading_whole_stack
+from ..tuners.projection_edit.build import shareable_model_id
 from ..tuners.projection_edit.layer import refuse_mixed_batch
 from .saved import check_forget_peft_type, check_loaded_factors, factor_checksums, read_adapter_config, saved_adapters
 
@@ -111,6 +113,7 @@ class ForgetPeftModel(PeftModel):
         def write(staging: str) -> None:
             with self._configs_as_saved(names):
                 super(ForgetPeftModel, self).save_pretrained(staging, selected_adapters=selected_adapters, **kwargs)
+            _forget_local_base_paths(staging)
 
         write_directory_atomically(save_directory, write)
 
@@ -281,6 +284,22 @@ class ForgetPeftModel(PeftModel):
             if layer.merged:
                 layer.unmerge()
         self.delete_adapter(adapter_name)
+
+
+def _forget_local_base_paths(directory: str) -> None:
+    """peft fills an unset ``base_model_name_or_path`` with the base model's ``name_or_path`` while saving, a local
+    path included: put back null wherever that is not a shareable id (see ``shareable_model_id``)."""
+    for folder, _, files in os.walk(directory):
+        if ADAPTER_CONFIG_NAME not in files:
+            continue
+        path = os.path.join(folder, ADAPTER_CONFIG_NAME)
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        recorded = config.get("base_model_name_or_path")
+        if recorded and shareable_model_id(recorded) is None:
+            config["base_model_name_or_path"] = None
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(config, handle, indent=2, sort_keys=True)
 
 
 def _refusing_mixed_batches(method):

@@ -46,6 +46,12 @@ def _check_pooling_token(model, tokenizer) -> None:
             f"embedding (it produced {ids}): it belongs to another model. Load the tokenizer saved with this "
             "checkpoint, e.g. `AutoTokenizer.from_pretrained(<same model id>)`."
         )
+    bos = getattr(model.config.text_config, "bos_token_id", None)
+    if bos is not None and ids and ids[0] != bos:
+        raise ValueError(
+            f"The tokenizer starts prompts with token id {ids[0]}, but the model's start-of-text token is {bos}: it "
+            "belongs to another model. Load the tokenizer saved with this checkpoint."
+        )
 
 
 def _check_against_checkpoint_tokenizer(model, tokenizer) -> None:

@@ -319,6 +319,7 @@ def _filled_config(model, config, templates, modules, factors: dict[str, EditFac
         },
         mergeable=all(is_mergeable_side(family_of(model), name) for name in modules),
         base_model_name_or_path=shareable_model_id(getattr(model, "name_or_path", None)),
+        tokenizer_name_or_path=shareable_model_id(config.tokenizer_name_or_path),
         base_fingerprints=base_fingerprints(model),
         base_model_revision=getattr(model.config, "_commit_hash", None),
         provenance=provenance(),

@@ -80,6 +80,10 @@ class ProjectionEditConfig(PeftConfig):
             Relative singular-value threshold below which directions were dropped from the bases.
         embedding_source (`str`, defaults to `"class_names"`):
             `"class_names"` (embedded with the model's text tower) or `"text_embeds"` (vectors given by the user).
+        tokenizer_name_or_path (`str`, *optional*):
+            The tokenizer peft's entry points (`get_peft_model`, `PeftModel.add_adapter`, `inject_adapter_in_model`,
+            transformers' `add_adapter`) embed the class names with; default: the one saved with the model's
+            checkpoint. (`add_forget_adapter` takes a tokenizer object instead.)
         mergeable (`bool`, defaults to `True`):
             Whether the edit can be merged into the weights: false when a wrapped module is not a Linear layer
             (SigLIP's image pooling head), whose output is then edited and merging is refused.
@@ -144,6 +148,13 @@ class ProjectionEditConfig(PeftConfig):
     )
     embedding_source: str = field(
         default="class_names", metadata={"help": "'class_names' or 'text_embeds' (precomputed vectors)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer (Hub id or directory) to embed the class names with when peft builds the adapter from "
+            "this config (get_peft_model, add_adapter); default: the model's own checkpoint."
+        },
     )
     mergeable: bool = field(
         default=True,

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...core.fingerprint import WeightFingerprint, fingerprint_weight
 from ...families import family_of
-from .build import build_adapter, can_build, is_built
+from .build import BuildInputs, build_adapter, can_build, is_built
 from .config import ProjectionEditConfig
 from .layer import EditSettings, Linear, OutputEdit, ProjectionEditLayer, refuse_mixed_batch
 from .registration import PREFIX
@@ -79,7 +79,8 @@ class ProjectionEditModel(BaseTuner):
                     "config (`ProjectionEditConfig(forgotten_classes=['dog'])`; the tokenizer is then loaded from the "
                     "model's checkpoint)."
                 )
-            built = build_adapter(model, config)
+            family_of(model)  # an unsupported model is refused before its tokenizer is looked for
+            built = build_adapter(model, config, BuildInputs(tokenizer=_config_tokenizer(model, config)))
             self.peft_config[adapter_name] = config = built.config
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if built is not None:
@@ -289,6 +290,30 @@ class ProjectionEditModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+
+def _config_tokenizer(model: nn.Module, config: ProjectionEditConfig):
+    """The tokenizer a config is built with through peft's entry points, which take no tokenizer argument: the one
+    the config names, else the one saved with the model's checkpoint."""
+    from transformers import AutoTokenizer
+
+    source = config.tokenizer_name_or_path or getattr(model, "name_or_path", None)
+    if not source:
+        raise ValueError(
+            "This config is built through peft (get_peft_model, add_adapter, inject_adapter_in_model or "
+            "transformers' add_adapter), which takes no tokenizer, and the model was not loaded from a checkpoint "
+            "whose tokenizer could be used. Name one in the config (`ProjectionEditConfig(..., "
+            "tokenizer_name_or_path=<model id or directory>)`), or call `hf_clip_forget.add_forget_adapter(model, "
+            "classes, tokenizer=tokenizer)`."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001 - every failure means the same to the user
+        raise ValueError(
+            f"Could not load the tokenizer of {source!r} to build this config ({error}). Set "
+            "`tokenizer_name_or_path` in the config, or call `hf_clip_forget.add_forget_adapter(model, classes, "
+            "tokenizer=tokenizer)`."
+        ) from error
 
 
 def _pattern_value(pattern: dict, key: str) -> int:
