@@ -23,7 +23,8 @@ class EmbeddingSide:
 
     Attributes:
         module: dotted path of the layer inside the model (``"visual_projection"``, ``"visual_projection.3"``).
-        features: the model method that returns the embedding (``"get_image_features"``).
+        features: the model method that returns the embedding (``"get_image_features"``; a dotted path for a
+            submodule's method, ``"owlvit.get_text_features"``).
         mergeable: the module is an ``nn.Linear``, so the edit can be written into its weights; otherwise (a module
             whose output is the embedding but that ends in, e.g., a residual sum) the edit is applied to its output
             and merging is refused.
@@ -106,6 +107,20 @@ FAMILIES: tuple[DualEncoderFamily, ...] = (
         image=EmbeddingSide("vision_model.head", "get_image_features", mergeable=False),
         text=EmbeddingSide("text_model.head", "get_text_features"),
         text_padding="max_length",
+    ),
+    # open-vocabulary detection: every box's class embedding is the output of the class head's first Linear (with
+    # bias), compared with the text query embeddings of the inner model's text projection
+    DualEncoderFamily(
+        "OWL-ViT detection",
+        ("OwlViTForObjectDetection",),
+        image=EmbeddingSide("class_head.dense0", "class_predictor"),
+        text=EmbeddingSide("owlvit.text_projection", "owlvit.get_text_features"),
+    ),
+    DualEncoderFamily(
+        "OWLv2 detection",
+        ("Owlv2ForObjectDetection",),
+        image=EmbeddingSide("class_head.dense0", "class_predictor"),
+        text=EmbeddingSide("owlv2.text_projection", "owlv2.get_text_features"),
     ),
     # the last Linear (with bias) of Sequential(Linear, BatchNorm1d, ReLU, Linear)
     DualEncoderFamily(

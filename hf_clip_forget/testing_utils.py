@@ -131,6 +131,9 @@ _TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     # alphabetically last word of a prompt, so only class names sorting after the template words differ
     "OwlViTModel": ("OwlViTConfig", dict(text_config=_TEXT, vision_config=_VISION)),
     "Owlv2Model": ("Owlv2Config", dict(text_config=_TEXT, vision_config=_VISION)),
+    # detection: box class embeddings (class_head.dense0) live in the text tower's width, as in the released models
+    "OwlViTForObjectDetection": ("OwlViTConfig", dict(text_config=_TEXT, vision_config=_VISION, projection_dim=32)),
+    "Owlv2ForObjectDetection": ("Owlv2Config", dict(text_config=_TEXT, vision_config=_VISION, projection_dim=32)),
     # the image embedding is the attention-pooling head's output; text is read at the last of 64 padded positions
     "SiglipModel": ("SiglipConfig", dict(text_config=_TEXT, vision_config=_VISION)),
     # projections are Sequential(Linear, BatchNorm1d, ReLU, Linear), hence eval mode
@@ -158,7 +161,7 @@ def tiny_model(class_name: str, seed: int = 0, dtype: torch.dtype = torch.float3
     import transformers
 
     config_name, arguments = _TINY_CONFIGS[class_name]
-    config = getattr(transformers, config_name)(projection_dim=16, **arguments)
+    config = getattr(transformers, config_name)(**{"projection_dim": 16, **arguments})
     if class_name == "Aimv2Model":  # under SDPA an unpadded text batch is attended bidirectionally (transformers 5)
         config._attn_implementation = "eager"
     torch.manual_seed(seed)

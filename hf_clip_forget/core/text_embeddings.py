@@ -76,6 +76,18 @@ def _max_text_length(model, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
+def _text_features_function(model):
+    """The method that gives ``model``'s text embeddings: the family's (``owlvit.get_text_features`` for an OWL-ViT
+    detector), else ``get_text_features``."""
+    family = find_family(model)
+    if family is None:
+        return model.get_text_features
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for part in family.text.features.split("."):
+        target = getattr(target, part)
+    return target
+
+
 def _features(output) -> Tensor:
     # transformers >= 5 returns a ModelOutput whose pooler_output holds the projected features
     return output if isinstance(output, Tensor) else output.pooler_output
@@ -91,7 +103,8 @@ def encode_prompts(
     """
     check_tokenizer_fits(model, tokenizer)
     device = next(model.parameters()).device
-    accepted = set(inspect.signature(model.get_text_features).parameters)
+    text_features = _text_features_function(model)
+    accepted = set(inspect.signature(text_features).parameters)
     max_length = _max_text_length(model, tokenizer)
     family = find_family(model)
     # "longest" (pad each batch to its longest prompt) or "max_length", as the family's text tower was trained
@@ -110,7 +123,7 @@ def encode_prompts(
                 f"only {vocab_size} tokens: use the tokenizer that belongs to this model."
             )
         inputs = {key: value.to(device) for key, value in inputs.items() if key in accepted}
-        batches.append(_features(model.get_text_features(**inputs)).float().cpu())
+        batches.append(_features(text_features(**inputs)).float().cpu())
     return torch.cat(batches)
 
 
