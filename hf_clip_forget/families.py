@@ -42,7 +42,8 @@ class DualEncoderFamily:
     Attributes:
         name: a short name for messages and docs.
         model_classes: transformers class names of the family (matched along the model's MRO).
-        image: the image side (the side a forget edit removes classes from by default).
+        image: the side compared with text — images, or audio for CLAP, or detected boxes for OWL detectors (the
+            side a forget edit removes classes from by default: ``target="visual"``).
         text: the text side.
         text_pooled_at_eos_token: the text embedding is read at the tokenizer's end-of-text token, whose id the
             model config names (``text_config.eos_token_id``), so a tokenizer that does not emit that id gives
@@ -121,6 +122,14 @@ FAMILIES: tuple[DualEncoderFamily, ...] = (
         ("Owlv2ForObjectDetection",),
         image=EmbeddingSide("class_head.dense0", "class_predictor"),
         text=EmbeddingSide("owlv2.text_projection", "owlv2.get_text_features"),
+    ),
+    # audio: the second Linear (with bias) of each side's projection MLP gives the audio and the text embedding
+    DualEncoderFamily(
+        "CLAP",
+        ("ClapModel",),
+        image=EmbeddingSide("audio_projection.linear2", "get_audio_features"),
+        text=EmbeddingSide("text_projection.linear2", "get_text_features"),
+        default_templates="sound",
     ),
     # the last Linear (with bias) of Sequential(Linear, BatchNorm1d, ReLU, Linear)
     DualEncoderFamily(

@@ -136,6 +136,12 @@ _TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "Owlv2ForObjectDetection": ("Owlv2Config", dict(text_config=_TEXT, vision_config=_VISION, projection_dim=32)),
     # the image embedding is the attention-pooling head's output; text is read at the last of 64 padded positions
     "SiglipModel": ("SiglipConfig", dict(text_config=_TEXT, vision_config=_VISION)),
+    # audio: a two-stage HTSAT on 16 mel bins; RoBERTa text read at token 0, its positions after the padding id
+    "ClapModel": ("ClapConfig", dict(
+        text_config=dict(_BERT_TEXT, max_position_embeddings=66),
+        audio_config=dict(patch_embeds_hidden_size=8, depths=[1, 1], num_attention_heads=[2, 2], hidden_size=16,
+                          spec_size=64, num_mel_bins=16, window_size=4, enable_fusion=False),
+    )),
     # projections are Sequential(Linear, BatchNorm1d, ReLU, Linear), hence eval mode
     "GroupViTModel": ("GroupViTConfig", dict(
         text_config=_TEXT, projection_intermediate_dim=24,
@@ -179,3 +185,13 @@ def tiny_pixel_inputs(class_name: str, batch_size: int = 4, seed: int = 1) -> di
     if class_name not in TINY_MODEL_CLASSES:
         raise ValueError(f"No tiny {class_name}; choose one of {TINY_MODEL_CLASSES}.")
     return {"pixel_values": random_pixels(batch_size, 32, seed)}
+
+
+def tiny_audio_inputs(batch_size: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the tiny ``ClapModel``'s ``get_audio_features``: seeded random 16-bin log-mel
+    features of 201 frames (one channel: the model is not fused)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_features": torch.randn(batch_size, 1, 201, 16, generator=generator),
+        "is_longer": torch.zeros(batch_size, 1, dtype=torch.bool),
+    }

@@ -36,7 +36,17 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a photo of a small {}.", "a tattoo of the {}.",
 )  # fmt: skip
 
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"single": SINGLE_TEMPLATE, "imagenet": IMAGENET_TEMPLATES}
+# Prompts for audio–text models (CLAP): how captions of sound clips name their source.
+SOUND_TEMPLATES: tuple[str, ...] = (
+    "the sound of a {}.", "the sound of the {}.", "a sound of a {}.", "a recording of a {}.", "audio of a {}.",
+    "a {} can be heard.", "the noise of a {}.", "this is the sound of a {}.",
+)  # fmt: skip
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "single": SINGLE_TEMPLATE,
+    "imagenet": IMAGENET_TEMPLATES,
+    "sound": SOUND_TEMPLATES,
+}
 
 # Domain-conditioned templates ("a sketch of a {}."): how a caption names an image domain. PACS's four domains are
 # built in (the demo model was trained with these captions); any other domain gets `generic_domain_templates`.
