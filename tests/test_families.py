@@ -237,3 +237,39 @@ def test_an_edit_that_cannot_be_merged_refuses_every_merge_and_changes_nothing(c
     original = model.unload()
     assert not any(isinstance(module, ProjectionEditLayer) for module in original.modules())
     assert all(torch.equal(original.state_dict()[name], value) for name, value in snapshot.items())
+
+
+@every_family
+def test_the_evaluation_harness_reproduces_the_familys_image_embeddings_before_and_after_the_edit(
+    class_name, tokenizer
+):
+    from hf_clip_forget.evaluation import pre_projection_features, project_image_features
+
+    base = tiny_model(class_name)
+    pixels = tiny_pixel_inputs(class_name)["pixel_values"]
+    cached = pre_projection_features(base, pixels)  # what the harness caches once per image
+    torch.testing.assert_close(
+        project_image_features(base, cached), image_embeddings(base, class_name), atol=1e-6, rtol=0
+    )
+    model = forget(base, tokenizer, templates="single")
+    torch.testing.assert_close(
+        project_image_features(model, cached), image_embeddings(model, class_name), atol=1e-6, rtol=0
+    )
+
+
+def test_siglip_prompts_are_embedded_padded_to_the_models_fixed_length(tokenizer):
+    from hf_clip_forget.core import encode_prompts
+
+    model = tiny_model("SiglipModel")
+    prompts = ["a photo of a truck.", "a bad photo of the tree in a video game."]
+    # SigLIP's documented usage: the tokenizer's outputs, padded to the fixed length, passed on as they are
+    documented = tokenizer(prompts, padding="max_length", max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        expected = features(model.get_text_features(**documented))
+    torch.testing.assert_close(
+        encode_prompts(model, tokenizer, prompts, show_progress=False), expected, atol=1e-6, rtol=0
+    )
+    shortest = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        unpadded = features(model.get_text_features(**shortest))
+    assert (unpadded - expected).abs().max() > 1e-3  # the padding matters: SigLIP reads the last position
