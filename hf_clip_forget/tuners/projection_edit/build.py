@@ -141,7 +141,7 @@ def is_mergeable_side(family, name: str) -> bool:
 
 
 def projection_shape(model: nn.Module, name: str) -> tuple[int, int]:
-    """``(out_features, in_features)`` of projection ``name``; a clear error when it is not a bias-free Linear."""
+    """``(out_features, in_features)`` of projection ``name``; a clear error when it is not an ``nn.Linear``."""
     layer = _submodule(model, name)
     if isinstance(layer, ProjectionEditLayer):
         layer = layer.get_base_layer()
