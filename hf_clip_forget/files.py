@@ -5,11 +5,13 @@ Layer 1 (like ``core``): plain files, no torch, peft or transformers.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -208,3 +210,19 @@ def _is_saved_file(path: str) -> bool:
 
 def _is_torch_shard(name: str) -> bool:
     return name.startswith("pytorch_model") and name.endswith(".bin")
+
+
+def rewrite_adapter_configs(directory: str, key: str, value_of: Callable[[Any], Any]) -> None:
+    """Set ``key`` to ``value_of(current value)`` in every ``adapter_config.json`` below ``directory`` (written as
+    peft writes them: indented, keys sorted); files whose value does not change are left as they are."""
+    for folder, _, names in os.walk(directory):
+        if ADAPTER_CONFIG_NAME not in names:
+            continue
+        path = os.path.join(folder, ADAPTER_CONFIG_NAME)
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        value = value_of(config.get(key))
+        if config.get(key) != value:
+            config[key] = value
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(config, handle, indent=2, sort_keys=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from ..files import ADAPTER_CONFIG_NAME, write_directory_atomically
+from ..files import rewrite_adapter_configs, write_directory_atomically
 from ..tuners.projection_edit import ProjectionEditConfig, loading_whole_stack
 from ..tuners.projection_edit.build import shareable_model_id
 from ..tuners.projection_edit.layer import refuse_mixed_batch
@@ -289,17 +288,7 @@ class ForgetPeftModel(PeftModel):
 def _forget_local_base_paths(directory: str) -> None:
     """peft fills an unset ``base_model_name_or_path`` with the base model's ``name_or_path`` while saving, a local
     path included: put back null wherever that is not a shareable id (see ``shareable_model_id``)."""
-    for folder, _, files in os.walk(directory):
-        if ADAPTER_CONFIG_NAME not in files:
-            continue
-        path = os.path.join(folder, ADAPTER_CONFIG_NAME)
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        recorded = config.get("base_model_name_or_path")
-        if recorded and shareable_model_id(recorded) is None:
-            config["base_model_name_or_path"] = None
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump(config, handle, indent=2, sort_keys=True)
+    rewrite_adapter_configs(directory, "base_model_name_or_path", lambda value: value and shareable_model_id(value))
 
 
 def _refusing_mixed_batches(method):

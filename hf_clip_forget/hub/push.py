@@ -9,7 +9,6 @@ uploaded file names a local path of the uploader's machine.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -20,7 +19,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, Repository
 from huggingface_hub.utils import validate_repo_id
 
 from ..api import ForgetPeftModel, load_from_model_checkpoint
-from ..files import ADAPTER_CONFIG_NAME
+from ..files import rewrite_adapter_configs
 from .card import ForgetEvaluation, base_model_id, check_license, write_model_card
 
 
@@ -161,16 +160,7 @@ def _name_base_by_hub_id(folder: str, model: ForgetPeftModel) -> None:
     loaded from the Hub: a local path (or a part of one) names a directory of the uploader's machine, private and
     useless to anyone else, and a bare directory name would pass for a Hub id."""
     base = base_model_id(model)
-    for directory, _, names in os.walk(folder):
-        if ADAPTER_CONFIG_NAME not in names:
-            continue
-        path = os.path.join(directory, ADAPTER_CONFIG_NAME)
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        if config.get("base_model_name_or_path") != base:
-            config["base_model_name_or_path"] = base
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump(config, handle, indent=2, sort_keys=True)
+    rewrite_adapter_configs(folder, "base_model_name_or_path", lambda _: base)
 
 
 def _refuse_local_paths(folder: str, model: ForgetPeftModel) -> None:
