@@ -11,7 +11,6 @@
 
 from ..tuners.projection_edit.preprocessors import load_from_model_checkpoint, resolve_tokenizer
 from .adding import (
-    TARGETS,
     adapter_holder,
     add_forget_adapter,
     forget_config,
@@ -24,7 +23,6 @@ from .verify import VERIFY_TOLERANCE, AdapterVerification, VerificationReport, v
 
 __all__ = [
     "ROOT_ADAPTER",
-    "TARGETS",
     "VERIFY_TOLERANCE",
     "AdapterVerification",
     "ForgetPeftModel",

@@ -17,9 +17,6 @@ from ..tuners.projection_edit.build import BuildInputs, BuiltAdapter, build_adap
 from .peft_model import ForgetPeftModel, _quiet_peft_wrapping
 
 
-#: ``target`` options: the image side, the text side, or both (the layers are the model family's).
-TARGETS: tuple[str, ...] = ("visual", "text", "both")
-
 #: id(base model) → the ForgetPeftModel wrapping it, so that a second call on the base model stacks onto it.
 _HOLDERS: weakref.WeakValueDictionary[int, ForgetPeftModel] = weakref.WeakValueDictionary()
 
