@@ -156,9 +156,9 @@ def family_of(model) -> DualEncoderFamily:
     unrelated class with layers of the same names (``XCLIPModel``) is not.
     """
     for cls in type(model).__mro__:
-        for family in FAMILIES:
-            if cls.__name__ in family.model_classes:
-                return family
+        family = family_of_class(cls.__name__)
+        if family is not None:
+            return family
     raise UnsupportedModelError(
         f"{type(model).__name__} is not supported by forget adapters. An adapter edits the layer whose output is "
         "the joint embedding, which is exact only for model classes checked to have that property: "
@@ -167,6 +167,11 @@ def family_of(model) -> DualEncoderFamily:
         "family is declared by one DualEncoderFamily entry in hf_clip_forget.families: the dotted paths of the "
         "nn.Linear layers whose outputs are its image and text embeddings."
     )
+
+
+def family_of_class(class_name: str) -> DualEncoderFamily | None:
+    """The family that lists the transformers class named ``class_name``, or ``None``."""
+    return next((family for family in FAMILIES if class_name in family.model_classes), None)
 
 
 def find_family(model) -> DualEncoderFamily | None:
@@ -185,5 +190,6 @@ __all__ = [
     "EmbeddingSide",
     "UnsupportedModelError",
     "family_of",
+    "family_of_class",
     "find_family",
 ]

@@ -6,7 +6,7 @@ import torch
 
 from hf_clip_forget import ForgetPeftModel
 from hf_clip_forget.core import SINGLE_TEMPLATE
-from hf_clip_forget.families import SUPPORTED_MODEL_CLASSES, family_of
+from hf_clip_forget.families import SUPPORTED_MODEL_CLASSES, family_of, family_of_class
 from hf_clip_forget.testing_utils import TINY_MODEL_CLASSES, tiny_model, tiny_pixel_inputs
 from hf_clip_forget.tuners.projection_edit import ProjectionEditLayer
 
@@ -32,7 +32,7 @@ every_family = pytest.mark.parametrize("class_name", DUAL_ENCODERS)
 
 
 def mergeable(class_name: str) -> bool:
-    family = family_of(tiny_model(class_name))
+    family = family_of_class(class_name)
     return family.image.mergeable and family.text.mergeable
 
 
