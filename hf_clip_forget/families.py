@@ -19,20 +19,39 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EmbeddingSide:
-    """One side of a dual encoder: the ``nn.Linear`` (bias allowed) whose output is that side's joint embedding.
+    """One side of a dual encoder: the module whose output is that side's joint embedding, and how to compute it.
+
+    The embedding of a batch is ``features(**inputs)`` (its ``pooler_output`` when the method returns a model
+    output), or, for a model class without such a method, ``module(tower(**inputs).last_hidden_state)``; then
+    position ``token`` of a per-token result.
 
     Attributes:
         module: dotted path of the layer inside the model (``"visual_projection"``, ``"visual_projection.3"``).
         features: the model method that returns the embedding (``"get_image_features"``; a dotted path for a
-            submodule's method, ``"owlvit.get_text_features"``).
+            submodule's method, ``"owlvit.get_text_features"``), or ``None`` when ``tower`` is given instead.
         mergeable: the module is an ``nn.Linear``, so the edit can be written into its weights; otherwise (a module
             whose output is the embedding but that ends in, e.g., a residual sum) the edit is applied to its output
             and merging is refused.
+        tower: for a model class with no feature method, the dotted path of the encoder whose
+            ``last_hidden_state`` the module projects (BLIP retrieval: ``"vision_model"``).
+        token: the module runs on every token and the embedding is this position of its output (``0``: FLAVA's
+            and BLIP's first token); ``None`` when the module's output is already one vector per input.
+        channel_dim: the axis of the module's output that holds the embedding's channels (``1`` for a convolutional
+            feature map that is average-pooled into the embedding, as ALIGN's), ``-1`` for features last.
     """
 
     module: str
-    features: str
+    features: str | None = None
     mergeable: bool = True
+    tower: str | None = None
+    token: int | None = None
+    channel_dim: int = -1
+
+    def __post_init__(self) -> None:
+        if (self.features is None) == (self.tower is None):
+            raise ValueError(f"{self.module!r}: declare exactly one of `features` (a method) and `tower`.")
+        if self.tower is not None and self.token is None:
+            raise ValueError(f"{self.module!r}: a `tower` side needs the `token` its embedding is read at.")
 
 
 @dataclass(frozen=True)
@@ -58,8 +77,8 @@ class DualEncoderFamily:
 
     name: str
     model_classes: tuple[str, ...]
-    image: EmbeddingSide = EmbeddingSide("visual_projection", "get_image_features")
-    text: EmbeddingSide = EmbeddingSide("text_projection", "get_text_features")
+    image: EmbeddingSide = EmbeddingSide("visual_projection", features="get_image_features")
+    text: EmbeddingSide = EmbeddingSide("text_projection", features="get_text_features")
     text_pooled_at_eos_token: bool = False
     legacy_eos_id_reads_largest_id: bool = False
     text_padding: str = "longest"
@@ -77,6 +96,16 @@ class DualEncoderFamily:
         if target not in sides:
             raise ValueError(f"`target` must be one of {list(sides)}, got {target!r}.")
         return sides[target]
+
+    def side(self, target: str) -> EmbeddingSide:
+        """The :class:`EmbeddingSide` of ``target`` (``"visual"`` or ``"text"``)."""
+        if target not in ("visual", "text"):
+            raise ValueError(f"`target` must be 'visual' or 'text', got {target!r}.")
+        return self.image if target == "visual" else self.text
+
+    def side_of_module(self, module_name: str) -> EmbeddingSide:
+        """The :class:`EmbeddingSide` that a full module name (possibly prefixed) belongs to."""
+        return self.text if self.is_text_side(module_name) else self.image
 
     def is_text_side(self, module_name: str) -> bool:
         """Whether ``module_name`` (a full module name, possibly prefixed) is this family's text-side layer."""

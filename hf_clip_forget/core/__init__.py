@@ -1,10 +1,11 @@
 """Layer 1 — the math core: prompt templates, text embeddings, bases, projectors, CCUP and their union.
 
-Works on tensors (and on a model only through ``get_text_features``); imports nothing from peft.
+Works on tensors (and on a model only through the embedding functions its family declares); imports nothing from peft.
 """
 
 from .domains import PARADIGMS, DomainCell, DomainPlan, plan_domain_edit
 from .factors import EditFactors, build_edit_factors
+from .joint_embeddings import embedding_function, image_side_embeddings, text_side_embeddings
 from .prototypes import VisualPrototypes, synthesize_prototypes
 from .subspace import (
     DEFAULT_RANK_TOLERANCE,
@@ -64,10 +65,12 @@ __all__ = [
     "class_text_embeddings",
     "compose_edits",
     "domain_templates",
+    "embedding_function",
     "encode_prompts",
     "fill_templates",
     "generic_domain_templates",
     "gram_factor",
+    "image_side_embeddings",
     "normalize_rows",
     "nullspace_edit",
     "orthonormal_basis",
@@ -76,5 +79,6 @@ __all__ = [
     "resolve_templates",
     "shared_direction",
     "synthesize_prototypes",
+    "text_side_embeddings",
     "validate_class_names",
 ]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..families import SUPPORTED_MODEL_CLASSES, find_family
+from .joint_embeddings import image_side_embeddings
 from .subspace import normalize_rows
 
 
@@ -138,8 +139,7 @@ def synthesize_prototypes(
 
     def embed(images: Tensor, hook_store: list[Tensor]) -> Tensor:
         hook_store.clear()
-        output = model.get_image_features(pixel_values=((images - mean) / std).to(device=device, dtype=dtype))
-        output = getattr(output, "pooler_output", output)
+        output = image_side_embeddings(model, pixel_values=((images - mean) / std).to(device=device, dtype=dtype))
         return nn.functional.normalize(output.float(), dim=-1)
 
     flags = [p.requires_grad for p in model.parameters()]

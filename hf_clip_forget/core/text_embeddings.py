@@ -1,12 +1,11 @@
 """Text embeddings of class names, computed with the dual encoder's own text tower.
 
-The model is used only through ``get_text_features`` (``CLIPModel``, ``VisionTextDualEncoderModel`` and any
-model with the same method), so this module does not depend on peft.
+The model is used only through its family's text embedding function (:mod:`.joint_embeddings`:
+``get_text_features`` for most families), so this module does not depend on peft.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..families import find_family
+from .joint_embeddings import embedding_function
 from .subspace import normalize_rows
 from .templates import fill_templates
 
@@ -76,23 +76,6 @@ def _max_text_length(model, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
-def _text_features_function(model):
-    """The method that gives ``model``'s text embeddings: the family's (``owlvit.get_text_features`` for an OWL-ViT
-    detector), else ``get_text_features``."""
-    family = find_family(model)
-    if family is None:
-        return model.get_text_features
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for part in family.text.features.split("."):
-        target = getattr(target, part)
-    return target
-
-
-def _features(output) -> Tensor:
-    # transformers >= 5 returns a ModelOutput whose pooler_output holds the projected features
-    return output if isinstance(output, Tensor) else output.pooler_output
-
-
 @torch.no_grad()
 def encode_prompts(
     model, tokenizer, prompts: Sequence[str], batch_size: int = 256, show_progress: bool = True
@@ -103,8 +86,7 @@ def encode_prompts(
     """
     check_tokenizer_fits(model, tokenizer)
     device = next(model.parameters()).device
-    text_features = _text_features_function(model)
-    accepted = set(inspect.signature(text_features).parameters)
+    text_features = embedding_function(model, "text")
     max_length = _max_text_length(model, tokenizer)
     family = find_family(model)
     # "longest" (pad each batch to its longest prompt) or "max_length", as the family's text tower was trained
@@ -122,8 +104,8 @@ def encode_prompts(
                 f"The tokenizer produced token id {int(inputs['input_ids'].max())}, but the model's text tower embeds "
                 f"only {vocab_size} tokens: use the tokenizer that belongs to this model."
             )
-        inputs = {key: value.to(device) for key, value in inputs.items() if key in accepted}
-        batches.append(_features(text_features(**inputs)).float().cpu())
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        batches.append(text_features(**inputs).float().cpu())
     return torch.cat(batches)
 
 
