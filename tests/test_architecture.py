@@ -15,6 +15,7 @@ LAYERS = {
     "api": 3,
     "hub": 4,
     "evaluation": 4,
+    "audit": 4,
     "cli": 5,
     "testing_utils": 1,
     "files": 1,

@@ -6,6 +6,7 @@ Works on tensors (and on a model only through the embedding functions its family
 from .domains import PARADIGMS, DomainCell, DomainPlan, plan_domain_edit
 from .factors import EditFactors, build_edit_factors
 from .joint_embeddings import embedding_function, image_side_embeddings, text_side_embeddings
+from .linear_probe import LinearProbeResult, linear_probe
 from .prototypes import VisualPrototypes, synthesize_prototypes
 from .subspace import (
     DEFAULT_RANK_TOLERANCE,
@@ -23,6 +24,7 @@ from .subspace import (
 )
 from .templates import (
     DOMAIN_TEMPLATES,
+    HELD_OUT_TEMPLATES,
     IMAGENET_TEMPLATES,
     PHOTO_TEMPLATES,
     SINGLE_TEMPLATE,
@@ -46,6 +48,7 @@ __all__ = [
     "DEFAULT_RANK_TOLERANCE",
     "DOMAIN_TEMPLATES",
     "EDIT_METHODS",
+    "HELD_OUT_TEMPLATES",
     "IMAGENET_TEMPLATES",
     "PARADIGMS",
     "PHOTO_TEMPLATES",
@@ -57,6 +60,7 @@ __all__ = [
     "DomainPlan",
     "EditFactors",
     "EditSpec",
+    "LinearProbeResult",
     "LowRankEdit",
     "VisualPrototypes",
     "build_edit_factors",
@@ -71,6 +75,7 @@ __all__ = [
     "generic_domain_templates",
     "gram_factor",
     "image_side_embeddings",
+    "linear_probe",
     "normalize_rows",
     "nullspace_edit",
     "orthonormal_basis",

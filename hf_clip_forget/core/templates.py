@@ -42,10 +42,21 @@ SOUND_TEMPLATES: tuple[str, ...] = (
     "a {} can be heard.", "the noise of a {}.", "this is the sound of a {}.",
 )  # fmt: skip
 
+# Paraphrases that appear in none of the sets above: the audit asks whether a forgotten class comes back under prompts
+# that were never used to build an edit (tests check the sets are disjoint).
+HELD_OUT_TEMPLATES: tuple[str, ...] = (
+    "an image showing a {}.", "a snapshot of a {}.", "there is a {} in this picture.", "a {} is shown here.",
+    "a shot of a {}.", "this image contains a {}.", "an example of a {}.", "a depiction of a {}.",
+    "a {} seen up close.", "a candid picture of a {}.", "a {} in the scene.", "look at this {}.",
+    "a quick snap of a {}.", "a portrait of a {}.", "a still image of a {}.", "a typical {}.",
+    "an everyday {}.", "a {} in the middle of the frame.", "a detailed view of a {}.", "a {} photographed outdoors.",
+)  # fmt: skip
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "single": SINGLE_TEMPLATE,
     "imagenet": IMAGENET_TEMPLATES,
     "sound": SOUND_TEMPLATES,
+    "held_out": HELD_OUT_TEMPLATES,
 }
 
 # Domain-conditioned templates ("a sketch of a {}."): how a caption names an image domain. PACS's four domains are
