@@ -105,9 +105,15 @@ class EmbeddingSpace:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self._memo: dict[tuple[str, bool], Tensor] = {}
+        self.edits_text = any(
+            not layer.image_side and any(name in layer.projection_edit_settings for name in self.adapters)
+            for layer in self.base.modules()
+            if isinstance(layer, ProjectionEditLayer)
+        )
 
     def prompts(self, prompts: Sequence[str], edited: bool) -> Tensor:
         """Normalised ``(n, d)`` float32 embeddings of ``prompts`` by the text side, edited or not."""
+        edited = edited and self.edits_text  # an image-side edit leaves every text embedding as it was
         missing = list(dict.fromkeys(p for p in prompts if (p, edited) not in self._memo))
         if missing:
             if edited:
