@@ -73,6 +73,17 @@ class DualEncoderFamily:
             was trained on fixed-length text).
         default_templates: the prompt templates class names are embedded with when none are given (a built-in
             set of ``hf_clip_forget.core.TEMPLATE_SETS``: photo templates for image models).
+        inputs: what the non-text side takes: ``"image"`` (``pixel_values``, from an image processor) or
+            ``"audio"`` (``input_features``, from a feature extractor), so that callers load the right
+            preprocessor and refuse image-only work (visual prototypes, the image-classification harness).
+        detector: an open-vocabulary detector: the non-text side embeds every predicted box, text is a set of
+            queries, and the model's processor post-processes its output into labelled boxes (so it is evaluated
+            by counting boxes per query, not by zero-shot classification).
+        scope: what the edit does not reach in this family, in one sentence for the model card (a path of the model
+            that scores images and text without the edited layers); empty when the joint embeddings are the only
+            path.
+        patch_inputs: the image processor cuts images into patches with their grid (``spatial_shapes``, SigLIP 2),
+            so synthesised pixel images (visual prototypes) cannot be fed to the model as they are.
     """
 
     name: str
@@ -83,6 +94,19 @@ class DualEncoderFamily:
     legacy_eos_id_reads_largest_id: bool = False
     text_padding: str = "longest"
     default_templates: str = "imagenet"
+    inputs: str = "image"
+    detector: bool = False
+    patch_inputs: bool = False
+    scope: str = ""
+
+    @property
+    def supports_prototypes(self) -> bool:
+        """Whether visual prototypes (pixel images optimised through the image side) can be synthesised."""
+        return self.inputs == "image" and not self.detector and not self.patch_inputs
+
+    def __post_init__(self) -> None:
+        if self.inputs not in ("image", "audio"):
+            raise ValueError(f"{self.name}: `inputs` must be 'image' or 'audio', got {self.inputs!r}.")
 
     @property
     def projections(self) -> dict[str, str]:
@@ -111,6 +135,12 @@ class DualEncoderFamily:
         """Whether ``module_name`` (a full module name, possibly prefixed) is this family's text-side layer."""
         return module_name == self.text.module or module_name.endswith("." + self.text.module)
 
+
+_DETECTION_SCOPE = (
+    "Box coordinates and objectness are not edited: a forgotten query scores every box as an empty query does, and "
+    "whether the post-processing threshold then drops its boxes depends on that floor (`hf-clip-forget detect` "
+    "reports it); image-guided detection, which also runs through the class head, changes too."
+)
 
 #: Every supported family. Each was checked on a tiny random instance (tests/test_families.py): with the edit
 #: applied, the embeddings of the family's own feature functions and of its forward have |cos| <= 1e-5 with the
@@ -145,12 +175,16 @@ FAMILIES: tuple[DualEncoderFamily, ...] = (
         ("OwlViTForObjectDetection",),
         image=EmbeddingSide("class_head.dense0", "class_predictor"),
         text=EmbeddingSide("owlvit.text_projection", "owlvit.get_text_features"),
+        detector=True,
+        scope=_DETECTION_SCOPE,
     ),
     DualEncoderFamily(
         "OWLv2 detection",
         ("Owlv2ForObjectDetection",),
         image=EmbeddingSide("class_head.dense0", "class_predictor"),
         text=EmbeddingSide("owlv2.text_projection", "owlv2.get_text_features"),
+        detector=True,
+        scope=_DETECTION_SCOPE,
     ),
     # audio: the second Linear (with bias) of each side's projection MLP gives the audio and the text embedding
     DualEncoderFamily(
@@ -159,6 +193,7 @@ FAMILIES: tuple[DualEncoderFamily, ...] = (
         image=EmbeddingSide("audio_projection.linear2", "get_audio_features"),
         text=EmbeddingSide("text_projection.linear2", "get_text_features"),
         default_templates="sound",
+        inputs="audio",
     ),
     # the last Linear (with bias) of Sequential(Linear, BatchNorm1d, ReLU, Linear)
     DualEncoderFamily(
@@ -168,6 +203,45 @@ FAMILIES: tuple[DualEncoderFamily, ...] = (
         text=EmbeddingSide("text_projection.3", "get_text_features"),
         text_pooled_at_eos_token=True,
         legacy_eos_id_reads_largest_id=True,
+    ),
+    # get_*_features project every token (Linear with bias); the contrastive embedding is the first token's
+    # (FlavaForPreTraining's `image_projection(image_embeddings[:, 0])`). Multimodal and ITM paths do not use them.
+    DualEncoderFamily(
+        "FLAVA",
+        ("FlavaModel",),
+        image=EmbeddingSide("image_projection", "get_image_features", token=0),
+        text=EmbeddingSide("text_projection", "get_text_features", token=0),
+        scope="FLAVA's multimodal encoder and its image-text matching head read the towers' features, not the edited "
+        "projections: only the contrastive image and text embeddings forget.",
+    ),
+    # no feature methods: forward(use_itm_head=False) projects each tower's first token (Linear with bias); the
+    # default ITM head reads the text tower cross-attending to image tokens, which these layers do not reach
+    DualEncoderFamily(
+        "BLIP retrieval",
+        ("BlipForImageTextRetrieval",),
+        image=EmbeddingSide("vision_proj", tower="vision_model", token=0),
+        text=EmbeddingSide("text_proj", tower="text_encoder", token=0),
+        scope="Only the contrastive scores (`forward(use_itm_head=False)`) forget: the image-text matching head "
+        "(the default `forward`) reads the text tower cross-attending to the image tokens and is not edited.",
+    ),
+    # image: no projection; the embedding is the EfficientNet's last feature map average-pooled over space
+    # (`vision_model.pooler`, then a reshape), and a channel edit commutes with that mean, so it is applied exactly
+    # to the pooler's (batch, channels, 1, 1) output (folding it into the last block's conv would miss the block's
+    # residual). Text: a Linear with bias read at token 0 under the attention mask, so padding changes nothing
+    DualEncoderFamily(
+        "ALIGN",
+        ("AlignModel",),
+        image=EmbeddingSide("vision_model.pooler", "get_image_features", mergeable=False, channel_dim=1),
+    ),
+    # as SigLIP (the pooling head ends in a residual sum); image inputs are pre-cut patches with their mask and grid
+    # shapes, which get_image_features takes by name and the embedding function passes on
+    DualEncoderFamily(
+        "SigLIP 2",
+        ("Siglip2Model",),
+        image=EmbeddingSide("vision_model.head", "get_image_features", mergeable=False),
+        text=EmbeddingSide("text_model.head", "get_text_features"),
+        text_padding="max_length",
+        patch_inputs=True,
     ),
 )
 

@@ -149,6 +149,31 @@ _TINY_CONFIGS: dict[str, tuple[str, dict]] = {
                            num_hidden_layers=3, depths=[1, 1, 1], num_group_tokens=[4, 2, 0],
                            num_output_groups=[4, 2, 2]),
     )),
+    # a two-stage EfficientNet (32×32 → 4×4 map of 16 channels, average-pooled into the image embedding, so no
+    # projection); BERT text read at token 0. BatchNorm throughout, hence eval mode; at the default init scale the
+    # untrained convolutions shrink images to embeddings of norm ~1e-9, at 0.4 they have norm ~1
+    "AlignModel": ("AlignConfig", dict(
+        text_config=_BERT_TEXT,
+        vision_config=dict(image_size=32, width_coefficient=0.5, depth_coefficient=1.0, in_channels=[32, 32],
+                           out_channels=[32, 32], kernel_sizes=[3, 3], strides=[2, 2], num_block_repeats=[1, 1],
+                           expand_ratios=[1, 2], hidden_dim=64, initializer_range=0.4),
+    )),
+    # as SigLIP, on pre-cut 8×8 patches (at most 16 per image: see tiny_pixel_inputs)
+    "Siglip2Model": ("Siglip2Config", dict(text_config=_TEXT, vision_config=dict(_VISION, num_patches=16))),
+    # BERT-style text (no bos/eos fields) and a ViT, both read at token 0; the multimodal encoder and the image
+    # codebook (masked-image targets, FlavaForPreTraining only) are unused by the joint embeddings, but tiny too
+    "FlavaModel": ("FlavaConfig", dict(
+        text_config={k: v for k, v in _BERT_TEXT.items() if k not in ("bos_token_id", "eos_token_id")},
+        image_config=dict(_VISION, vocab_size=16),
+        multimodal_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4),
+        image_codebook_config=dict(hidden_size=8, num_groups=2, num_blocks_per_group=1, vocab_size=16),
+        hidden_size=32,
+    )),
+    # the joint layers' width is image_text_hidden_size (projection_dim is BlipModel's)
+    "BlipForImageTextRetrieval": ("BlipConfig", dict(
+        text_config=dict(_BERT_TEXT, encoder_hidden_size=32, sep_token_id=3), vision_config=_VISION,
+        image_text_hidden_size=16,
+    )),
 }
 # fmt: on
 #: Every model class :func:`tiny_model` builds.
@@ -157,7 +182,8 @@ TINY_MODEL_CLASSES: tuple[str, ...] = ("CLIPModel", "VisionTextDualEncoderModel"
 
 def tiny_model(class_name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised tiny ``class_name`` (one of :data:`TINY_MODEL_CLASSES`) in eval mode, fitting
-    :func:`tiny_tokenizer` and 32×32 images, with 16-dimensional joint embeddings (SigLIP: 32, its hidden size)."""
+    :func:`tiny_tokenizer` and 32×32 images (SigLIP 2: their 8×8 patches, :func:`tiny_pixel_inputs`), with
+    16-dimensional joint embeddings (SigLIP and SigLIP 2: 32, their hidden size)."""
     if class_name == "CLIPModel":
         return tiny_clip(seed, dtype=dtype)
     if class_name == "VisionTextDualEncoderModel":
@@ -181,10 +207,32 @@ def tiny_model(class_name: str, seed: int = 0, dtype: torch.dtype = torch.float3
 
 def tiny_pixel_inputs(class_name: str, batch_size: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
     """The keyword arguments of ``class_name``'s ``get_image_features`` for ``batch_size`` seeded random images of
-    its tiny model (every tiny family takes 32×32 ``pixel_values``)."""
+    its tiny model: 32×32 ``pixel_values``, or for ``Siglip2Model`` :func:`tiny_siglip2_pixel_inputs`."""
     if class_name not in TINY_MODEL_CLASSES:
         raise ValueError(f"No tiny {class_name}; choose one of {TINY_MODEL_CLASSES}.")
+    if class_name == "Siglip2Model":
+        return tiny_siglip2_pixel_inputs(batch_size, seed)
     return {"pixel_values": random_pixels(batch_size, 32, seed)}
+
+
+#: Patch grids of the tiny SigLIP 2 images, in turn: one square image and two of other aspect ratios, padded.
+_SIGLIP2_GRIDS = ((4, 4), (3, 5), (2, 6))
+
+
+def tiny_siglip2_pixel_inputs(batch_size: int = 4, seed: int = 1, max_patches: int = 16) -> dict[str, torch.Tensor]:
+    """Seeded random SigLIP 2 image inputs, laid out as its processor lays them out: ``pixel_values``
+    ``(batch, max_patches, 3·8·8)`` of flattened 8×8 patches, zero past each image's own patches;
+    ``pixel_attention_mask`` ``(batch, max_patches)`` marking the real ones; ``spatial_shapes`` ``(batch, 2)``,
+    each image's patch grid (cycling through :data:`_SIGLIP2_GRIDS`, so that padding and resized position
+    embeddings are exercised)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.zeros(batch_size, max_patches, 3 * 8 * 8)
+    mask = torch.zeros(batch_size, max_patches, dtype=torch.int32)
+    shapes = torch.tensor([_SIGLIP2_GRIDS[i % len(_SIGLIP2_GRIDS)] for i in range(batch_size)], dtype=torch.long)
+    for i, (height, width) in enumerate(shapes.tolist()):
+        pixel_values[i, : height * width] = torch.randn(height * width, 3 * 8 * 8, generator=generator)
+        mask[i, : height * width] = 1
+    return {"pixel_values": pixel_values, "pixel_attention_mask": mask, "spatial_shapes": shapes}
 
 
 def tiny_audio_inputs(batch_size: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:

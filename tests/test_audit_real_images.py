@@ -1,37 +1,28 @@
 """The audit on real images (the demo model on a stratified PACS sample): a leak built on purpose is reported, and the
 linear probe on the tower features is reported as untouched by the edit."""
 
-import os
-
 import pytest
 import torch
 
 from hf_clip_forget import add_forget_adapter
 from hf_clip_forget.audit import audit_forgetting
 from hf_clip_forget.core import linear_probe
-from hf_clip_forget.evaluation import embed_images, load_labelled_images
+from hf_clip_forget.evaluation import embed_images
 from hf_clip_forget.models.demo import load_demo_model
 
+from .real_data import needs_pacs, stratified_pacs
 
-DATA_DIR = os.environ.get("HF_CLIP_FORGET_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-PACS_TEST = os.path.join(DATA_DIR, "pacs", "test.parquet")
+
 PER_CELL = 4  # images per (domain, class): 112 images
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(PACS_TEST), reason=f"PACS test split not found at {PACS_TEST}")
+pytestmark = needs_pacs
 
 
 @pytest.fixture(scope="module")
 def pacs():
     model, processor = load_demo_model()
-    dataset = load_labelled_images(PACS_TEST, split="test")
-    taken: dict[tuple[int, int], int] = {}
-    indices = []
-    for index, cell in enumerate(zip(dataset["domain"], dataset["label"], strict=True)):
-        if taken.get(cell, 0) < PER_CELL:
-            taken[cell] = taken.get(cell, 0) + 1
-            indices.append(index)
     with torch.no_grad():
-        features = embed_images(model, dataset.select(indices), processor.image_processor, show_progress=False)
+        features = embed_images(model, stratified_pacs(PER_CELL), processor.image_processor, show_progress=False)
     return model, processor.tokenizer, features
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import BertModel, CLIPModel
 
 from hf_clip_forget import ForgetPeftModel, add_forget_adapter
-from hf_clip_forget.testing_utils import tiny_clip, tiny_tokenizer
+from hf_clip_forget.testing_utils import tiny_clip, tiny_model, tiny_tokenizer
 from hf_clip_forget.tuners.projection_edit import ProjectionEditLayer
 
 from .conftest import assert_same_state, projection_weights, state_snapshot
@@ -149,3 +149,13 @@ def test_loading_without_importing_the_package_says_to_import_it(tokenizer, tmp_
     from peft import PeftModel
 
     assert isinstance(PeftModel.from_pretrained(CLIPModel.from_pretrained(base_dir), adapter_dir), PeftModel)
+
+
+@pytest.mark.parametrize("class_name", ["OwlViTForObjectDetection", "ClapModel", "Siglip2Model"])
+def test_prototypes_are_refused_where_the_image_side_takes_no_pixel_images(class_name, tokenizer):
+    """Detectors embed boxes, CLAP audio, SigLIP 2 patches: prototypes cannot be synthesised for them, and the
+    request is refused before the model is wrapped (it used to fail deep inside, or ask for an image processor)."""
+    model = tiny_model(class_name)
+    with pytest.raises(ValueError, match="Visual prototypes are synthesised pixel images"):
+        model.add_forget_adapter(["truck"], tokenizer=tokenizer, prototypes=1, show_progress=False)
+    assert not any(isinstance(module, ProjectionEditLayer) for module in model.modules())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_clip_forget import ForgetPeftModel
-from hf_clip_forget.core import SINGLE_TEMPLATE
+from hf_clip_forget.core import SINGLE_TEMPLATE, image_side_embeddings, text_side_embeddings
 from hf_clip_forget.families import SUPPORTED_MODEL_CLASSES, family_of, family_of_class
 from hf_clip_forget.testing_utils import TINY_MODEL_CLASSES, tiny_model, tiny_pixel_inputs
 from hf_clip_forget.tuners.projection_edit import ProjectionEditLayer
@@ -22,7 +22,8 @@ PROMPTS = ["a photo of a truck.", "a photo of a ship.", "a bad photo of the tree
 EXPECTED_CLASSES = (
     "CLIPModel", "VisionTextDualEncoderModel", "MetaClip2Model", "CLIPSegModel", "AltCLIPModel", "ChineseCLIPModel",
     "Aimv2Model", "BlipModel", "OwlViTModel", "Owlv2Model", "SiglipModel", "OwlViTForObjectDetection",
-    "Owlv2ForObjectDetection", "ClapModel", "GroupViTModel",
+    "Owlv2ForObjectDetection", "ClapModel", "GroupViTModel", "AlignModel", "Siglip2Model",
+    "FlavaModel", "BlipForImageTextRetrieval",
 )  # fmt: skip
 #: Checked by their own files: detectors (tests/test_detection.py) and audio models (tests/test_audio.py).
 NOT_IMAGE_TEXT = ("OwlViTForObjectDetection", "Owlv2ForObjectDetection", "ClapModel")
@@ -44,9 +45,21 @@ def forget(model, tokenizer, classes=FORGET, **options):
     return model.add_forget_adapter(classes, tokenizer=tokenizer, show_progress=False, **options)
 
 
+#: Forward options that make it return the contrastive scores: BLIP retrieval's default forward is its ITM head
+#: (the text tower cross-attending to image tokens), which the joint layers do not reach.
+FORWARD_OPTIONS = {"BlipForImageTextRetrieval": {"use_itm_head": False}}
+#: Classes whose forward exposes no joint image embeddings, and why; test_the_forwards_contrastive_scores_… checks
+#: that their forward's scores are the declared embeddings' cosines instead.
+FORWARD_WITHOUT_IMAGE_EMBEDS = {
+    "FlavaModel": "its forward returns the towers' unprojected hidden states (the logits are FlavaForPreTraining's)",
+    "BlipForImageTextRetrieval": "its forward returns only the cosine matrix of the two sides' embeddings",
+}
+
+
 def image_embeddings(model, class_name) -> torch.Tensor:
+    """The family's image embeddings as it declares them (``hf_clip_forget.core.image_side_embeddings``)."""
     with torch.no_grad():
-        return features(model.get_image_features(**tiny_pixel_inputs(class_name)))
+        return image_side_embeddings(model, **tiny_pixel_inputs(class_name))
 
 
 def tokenize(model, tokenizer, prompts):
@@ -60,25 +73,45 @@ def tokenize(model, tokenizer, prompts):
 def text_features(model, tokenizer, prompts) -> torch.Tensor:
     inputs = tokenize(model, tokenizer, prompts)
     with torch.no_grad():
-        return features(
-            model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        )
+        return text_side_embeddings(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
 
 
-def forward(model, class_name, tokenizer, prompts=PROMPTS):
+def forward(model, class_name, tokenizer, prompts=PROMPTS, batch_size=4):
     inputs = tokenize(model, tokenizer, prompts)
     with torch.no_grad():
         return model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **tiny_pixel_inputs(class_name)
-        )
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            **tiny_pixel_inputs(class_name, batch_size), **FORWARD_OPTIONS.get(class_name, {}),
+        )  # fmt: skip
+
+
+def forward_cosines(model, class_name, tokenizer, prompts=PROMPTS) -> torch.Tensor | None:
+    """The image × text cosines a class's own forward computes where it exposes no ``logits_per_image``, for as
+    many images as prompts: BLIP retrieval's ``use_itm_head=False`` output, FLAVA's pre-training contrastive logits
+    over their scale; ``None`` for the other classes."""
+    if class_name == "BlipForImageTextRetrieval":
+        return forward(model, class_name, tokenizer, prompts, batch_size=len(prompts)).itm_score
+    if class_name == "FlavaModel":  # FlavaForPreTraining's contrastive head, run on this (edited) FlavaModel
+        import transformers
+
+        flava = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = transformers.FlavaForPreTraining(flava.config).eval()
+        head.flava = flava
+        inputs = tokenize(model, tokenizer, prompts)
+        with torch.no_grad():  # its multimodal pass needs as many images as prompts
+            output = head(**inputs, **tiny_pixel_inputs(class_name, len(prompts)), return_loss=False)
+        return output.contrastive_logits_per_image / flava.logit_scale.exp()
+    return None
 
 
 def outputs(model, class_name, tokenizer) -> dict[str, torch.Tensor]:
-    """Image and text embeddings of the feature functions, and the forward's logits."""
+    """Image and text embeddings of the family's embedding functions, and the forward's logits (cosines for BLIP
+    retrieval and FLAVA's pre-training head, see :func:`forward_cosines`)."""
+    cosines = forward_cosines(model, class_name, tokenizer)
     return {
         "image": image_embeddings(model, class_name),
         "text": text_features(model, tokenizer, PROMPTS),
-        "logits": forward(model, class_name, tokenizer).logits_per_image,
+        "logits": forward(model, class_name, tokenizer).logits_per_image if cosines is None else cosines,
     }
 
 
@@ -107,11 +140,14 @@ def test_tiny_models_are_reproducible_and_fit_the_tiny_tokenizer(class_name):
     text = model.config.text_config
     assert text.vocab_size == 1000 and text.max_position_embeddings >= 64
     assert model.get_submodule(family_of(model).text.module).out_features == (
-        32 if class_name == "SiglipModel" else 16
+        32 if class_name in ("SiglipModel", "Siglip2Model") else 16
     )
     again = tiny_model(class_name, seed=3)
     assert all(torch.equal(value, again.state_dict()[name]) for name, value in model.state_dict().items())
-    assert tiny_pixel_inputs(class_name, batch_size=2)["pixel_values"].shape == (2, 3, 32, 32)
+    pixels, pixels_again = tiny_pixel_inputs(class_name, batch_size=2), tiny_pixel_inputs(class_name, batch_size=2)
+    assert all(torch.equal(value, pixels_again[name]) for name, value in pixels.items())
+    # SigLIP 2 takes pre-cut 8×8 patches (at most 16 per image) with their mask and grid shapes
+    assert pixels["pixel_values"].shape == ((2, 16, 3 * 8 * 8) if class_name == "Siglip2Model" else (2, 3, 32, 32))
 
 
 @every_family
@@ -124,7 +160,8 @@ def test_visual_edit_removes_the_forgotten_classes_from_feature_and_forward_imag
     assert isinstance(model.get_base_model().get_submodule(family.image.module), ProjectionEditLayer)
     assert not isinstance(model.get_base_model().get_submodule(family.text.module), ProjectionEditLayer)
     assert max_abs_cos(image_embeddings(model, class_name), directions) <= 1e-5
-    assert max_abs_cos(forward(model, class_name, tokenizer).image_embeds, directions) <= 1e-5
+    if class_name not in FORWARD_WITHOUT_IMAGE_EMBEDS:
+        assert max_abs_cos(forward(model, class_name, tokenizer).image_embeds, directions) <= 1e-5
 
 
 @every_family
@@ -213,7 +250,35 @@ def test_stacked_adapters_remove_both_directions(class_name, tokenizer):
     forget(model, tokenizer, ["rocket"], templates="single", adapter_name="rockets")
     assert model.active_adapters == ["default", "rockets"]
     assert max_abs_cos(image_embeddings(model, class_name), directions) <= 1e-5
-    assert max_abs_cos(forward(model, class_name, tokenizer).image_embeds, directions) <= 1e-5
+    if class_name not in FORWARD_WITHOUT_IMAGE_EMBEDS:
+        assert max_abs_cos(forward(model, class_name, tokenizer).image_embeds, directions) <= 1e-5
+
+
+@pytest.mark.parametrize("target", ["visual", "text", "both"])
+@pytest.mark.parametrize("class_name", sorted(FORWARD_WITHOUT_IMAGE_EMBEDS))
+def test_the_forwards_contrastive_scores_are_the_declared_embeddings_and_lose_the_forgotten_prompt(
+    class_name, target, tokenizer
+):
+    # the forgotten prompt, a kept one, and the bare template: the anchor a text-side edit sends forgotten prompts to
+    prompts = ["a photo of a truck.", "a photo of a ship.", "a photo of a ."]
+    base = tiny_model(class_name)
+
+    def declared_cosines(model):
+        with torch.no_grad():
+            images = image_side_embeddings(model, **tiny_pixel_inputs(class_name, len(prompts)))
+        texts = text_features(model, tokenizer, prompts)
+        return torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
+
+    before = forward_cosines(base, class_name, tokenizer, prompts)
+    torch.testing.assert_close(before, declared_cosines(base), atol=1e-6, rtol=0)
+    assert before[:, 0].abs().min() > 1e-3 and (before[:, 0] - before[:, 2]).abs().min() > 1e-3
+    model = forget(base, tokenizer, ["truck"], target=target, templates="single")
+    after = forward_cosines(model, class_name, tokenizer, prompts)
+    torch.testing.assert_close(after, declared_cosines(model), atol=1e-6, rtol=0)
+    if target == "visual":  # every image is orthogonal to the forgotten prompt
+        assert after[:, 0].abs().max() <= 1e-5
+    else:  # the forgotten prompt now scores every image as the bare template does
+        torch.testing.assert_close(after[:, 0], after[:, 2], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("class_name", NOT_MERGEABLE)
@@ -246,8 +311,8 @@ def test_the_evaluation_harness_reproduces_the_familys_image_embeddings_before_a
     from hf_clip_forget.evaluation import pre_projection_features, project_image_features
 
     base = tiny_model(class_name)
-    pixels = tiny_pixel_inputs(class_name)["pixel_values"]
-    cached = pre_projection_features(base, pixels)  # what the harness caches once per image
+    # what the harness caches once per image, from every input of the image processor (SigLIP 2: patches, mask, grid)
+    cached = pre_projection_features(base, **tiny_pixel_inputs(class_name))
     torch.testing.assert_close(
         project_image_features(base, cached), image_embeddings(base, class_name), atol=1e-6, rtol=0
     )
@@ -257,10 +322,26 @@ def test_the_evaluation_harness_reproduces_the_familys_image_embeddings_before_a
     )
 
 
-def test_siglip_prompts_are_embedded_padded_to_the_models_fixed_length(tokenizer):
+@pytest.mark.parametrize("class_name", MERGEABLE)
+def test_prototype_features_are_one_vector_per_image_that_the_image_layer_maps_to_its_embedding(class_name):
+    from hf_clip_forget.core import synthesize_prototypes
+
+    model = tiny_model(class_name)
+    targets = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    found = synthesize_prototypes(model, targets, per_target=2, steps=1, grid=8, image_size=32, show_progress=False)
+    # FLAVA's image layer runs on every token: the feature is the embedding's token only
+    assert found.features.ndim == 2 and found.features.shape[0] == 4
+    with torch.no_grad():
+        projected = model.get_submodule(family_of(model).image.module)(found.features)
+    normalized = torch.nn.functional.normalize(projected.double(), dim=-1)
+    torch.testing.assert_close(normalized, found.embeddings, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("class_name", ["SiglipModel", "Siglip2Model"])
+def test_siglip_prompts_are_embedded_padded_to_the_models_fixed_length(class_name, tokenizer):
     from hf_clip_forget.core import encode_prompts
 
-    model = tiny_model("SiglipModel")
+    model = tiny_model(class_name)
     prompts = ["a photo of a truck.", "a bad photo of the tree in a video game."]
     # SigLIP's documented usage: the tokenizer's outputs, padded to the fixed length, passed on as they are
     documented = tokenizer(prompts, padding="max_length", max_length=64, return_tensors="pt")

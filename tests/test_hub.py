@@ -229,3 +229,20 @@ def test_a_failed_local_save_leaves_an_existing_directory_as_it_was(tmp_path, to
     names = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     assert "vehicles/adapter_config.json" not in names and "boats/adapter_config.json" in names
     assert (target / "notes.txt").read_text() == "the user's own file"
+
+
+@pytest.mark.parametrize(
+    "class_name", ["BlipForImageTextRetrieval", "FlavaModel", "OwlViTForObjectDetection", "CLIPModel"]
+)
+def test_the_card_states_what_a_family_s_edit_does_not_reach(class_name, tokenizer):
+    """BLIP retrieval's matching head, FLAVA's multimodal encoder and a detector's boxes are not edited: the card says
+    so (the family layer's `scope`); a family whose joint embeddings are its only path gets no such line."""
+    from hf_clip_forget.families import family_of_class
+    from hf_clip_forget.hub.card import build_model_card
+    from hf_clip_forget.testing_utils import tiny_model
+
+    model = tiny_model(class_name).add_forget_adapter(["truck"], tokenizer=tokenizer, show_progress=False)
+    text = str(build_model_card(model))
+    scope = family_of_class(class_name).scope
+    assert ("**Scope.**" in text) == bool(scope)
+    assert scope in text

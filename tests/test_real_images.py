@@ -5,8 +5,6 @@ images. The full measurement (every split, more forget sets) is `scripts/measure
 this keeps its central claims under test. The data is read from `../shared/data` (or `$HF_CLIP_FORGET_DATA`).
 """
 
-import os
-
 import pytest
 import torch
 
@@ -14,34 +12,26 @@ from hf_clip_forget import add_forget_adapter
 from hf_clip_forget.evaluation import (
     class_embeddings,
     embed_images,
-    load_labelled_images,
     project_image_features,
     score_predictions,
     zero_shot_logits,
 )
 from hf_clip_forget.models.demo import load_demo_model
 
+from .real_data import needs_pacs, stratified_pacs
 
-DATA_DIR = os.environ.get("HF_CLIP_FORGET_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-PACS_TEST = os.path.join(DATA_DIR, "pacs", "test.parquet")
+
 PER_CELL = 6  # images per (domain, class): 168 images, ~15 s of feature extraction on a 2-core CPU
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(PACS_TEST), reason=f"PACS test split not found at {PACS_TEST}")
+pytestmark = needs_pacs
 
 
 @pytest.fixture(scope="module")
 def pacs():
     """``(model, tokenizer, features, class text embeddings)`` of the demo model on the PACS sample."""
     model, processor = load_demo_model()
-    dataset = load_labelled_images(PACS_TEST, split="test")
-    taken: dict[tuple[int, int], int] = {}
-    indices = []
-    for index, (domain, label) in enumerate(zip(dataset["domain"], dataset["label"], strict=True)):
-        if taken.get((domain, label), 0) < PER_CELL:
-            taken[(domain, label)] = taken.get((domain, label), 0) + 1
-            indices.append(index)
     with torch.no_grad():
-        features = embed_images(model, dataset.select(indices), processor.image_processor, show_progress=False)
+        features = embed_images(model, stratified_pacs(PER_CELL), processor.image_processor, show_progress=False)
         text = class_embeddings(model, processor.tokenizer, features.class_names, show_progress=False)
     return model, processor.tokenizer, features, text
 

@@ -170,7 +170,14 @@ def forget_config(
     for argument, value in (("prototypes", prototypes), ("retain_prototypes", retain_prototypes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"`{argument}` must be an integer >= 0 (prototypes per cell), got {value!r}.")
-    target_modules = family_of(model).target_modules(target)  # refuses unsupported models and unknown targets
+    family = family_of(model)
+    target_modules = family.target_modules(target)  # refuses unsupported models and unknown targets
+    if (prototypes or retain_prototypes) and not family.supports_prototypes:
+        raise ValueError(
+            f"Visual prototypes are synthesised pixel images of whole scenes, which a {family.name} model does not "
+            f"take (its image side {_image_side_inputs(family)}). Build the edit from class names alone "
+            "(prototypes=0)."
+        )
     domain_aware = any(x is not None for x in (domains, retain_domains, paradigm)) or bool(
         prototypes or retain_prototypes
     )
@@ -204,10 +211,18 @@ def forget_config(
         prototype_options=dict(prototype_options or {}) if (prototypes or retain_prototypes) else {},
         forgotten_classes=classes,
         retain_classes=list(retain_classes or []),
-        templates=resolve_templates(family_of(model).default_templates if templates is None else templates),
+        templates=resolve_templates(family.default_templates if templates is None else templates),
         embedding_source="text_embeds" if text_embeds is not None else "class_names",
         **settings,
     )
+
+
+def _image_side_inputs(family) -> str:
+    if family.detector:
+        return "embeds every detected box"
+    if family.patch_inputs:
+        return "takes images cut into patches with their grid"
+    return f"takes {family.inputs}"
 
 
 def _class_names(classes, text_embeds) -> list[str]:

@@ -140,13 +140,8 @@ class EmbeddingSpace:
     def image_edit(self, vectors: Tensor) -> Tensor:
         """``vectors`` under the active image-side edit (unchanged when the adapters edit the text side only)."""
         layer = find_visual_projection(self.base)
-        if not isinstance(layer, ProjectionEditLayer):
-            return vectors
-        active = [name for name in self.adapters if name in layer.projection_edit_settings]
-        if not active:
-            return vectors
-        edit = layer.combined_edit(active, device=torch.device("cpu"))
-        return edit.apply(vectors.float())
+        edit = layer.current_edit(torch.device("cpu")) if isinstance(layer, ProjectionEditLayer) else None
+        return vectors if edit is None else edit.apply(vectors.float())
 
 
 __all__ = ["AuditSetup", "EmbeddingSpace", "active_forget_adapters", "edit_setup"]

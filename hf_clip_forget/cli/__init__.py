@@ -1,4 +1,4 @@
-"""Layer 5 — the ``hf-clip-forget`` command line: ``demo``, ``forget``, ``verify``, ``eval`` and ``sweep``.
+"""Layer 5 — the ``hf-clip-forget`` command line: ``demo``, ``forget``, ``verify``, ``eval``, ``sweep`` and ``detect``.
 
 MODEL is a Hub id, a local directory, or ``demo`` (the embedded default, assembled offline from PyPI packages).
 
@@ -9,7 +9,7 @@ and keep their traceback.
 
 ``eval`` and ``sweep`` share the image embedding across the processes of a ``torchrun`` launch
 (``torchrun --standalone --nproc_per_node N -m hf_clip_forget.cli eval ...``); the main process alone prints and
-writes. ``forget`` and ``demo`` refuse to run on several processes.
+writes. ``forget``, ``detect`` and ``demo`` refuse to run on several processes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from ..api.verify import VERIFY_TOLERANCE
 from .commands import command_demo, command_eval, command_forget, command_sweep, command_verify
+from .detect import command_detect
 from .loading import CommandError, cached_image_features, load_adapter, load_data, load_dual_encoder, one_line
 
 
@@ -112,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tolerance", type=float, default=VERIFY_TOLERANCE, help="largest accepted |ΔM| entry")
     verify.add_argument("--json", default=None, help="write the report here")
     verify.set_defaults(handler=command_verify)
+
+    detect = commands.add_parser(
+        "detect", help="open-vocabulary detectors (OWL-ViT, OWLv2): boxes per text query before/after an adapter"
+    )
+    detect.add_argument("model", help="the detector: Hub id or local path")
+    detect.add_argument("--adapter", default=None, help="a saved forget adapter (directory or Hub id)")
+    detect.add_argument(
+        "--reference", default=None, metavar="MODEL", help="for a merged MODEL: the original detector ('before')"
+    )
+    detect.add_argument("--images", nargs="+", required=True, help="image files, or folders of images")
+    detect.add_argument("--queries", required=True, help="text queries, comma-separated ('a photo of a cat,...')")
+    detect.add_argument(
+        "--threshold", type=float, default=0.1, help="score threshold of the post-processing (default 0.1)"
+    )
+    detect.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    detect.add_argument("--json", default=None, help="write the counts here")
+    detect.set_defaults(handler=command_detect)
 
     for name, help_text in (("eval", "zero-shot accuracy before/after an adapter"), ("sweep", "α trade-off curve")):
         sub = commands.add_parser(name, help=help_text)

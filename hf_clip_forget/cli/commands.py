@@ -16,7 +16,10 @@ from .loading import (
     load_adapter,
     load_data,
     load_dual_encoder,
+    load_processor,
+    model_family,
     one_line,
+    require_image_classifier,
 )
 
 
@@ -35,7 +38,12 @@ def command_forget(args) -> int:
     from ..api import add_forget_adapter
 
     command_processes("forget")
-    model, tokenizer, image_processor = load_dual_encoder(args.model)
+    # the image processor only for what needs one: prototypes (their input size) and a merged save (to ship it)
+    model, tokenizer, image_processor = load_dual_encoder(
+        args.model, image_processor=bool(args.prototypes or args.merge)
+    )
+    _check_forget_request(model, args)
+    preprocessors = _merged_preprocessors(args, model, tokenizer, image_processor) if args.merge else {}
     edited = add_forget_adapter(
         model,
         _split(args.classes),
@@ -53,7 +61,6 @@ def command_forget(args) -> int:
         prototype_options={"steps": args.prototype_steps, "seed": args.seed} if args.prototypes else None,
         image_processor=image_processor if args.prototypes else None,
     )
-    preprocessors = {"tokenizer": tokenizer, "image_processor": image_processor} if args.merge else {}
     if args.merge:
         edited.save_merged_pretrained(args.output, **preprocessors)  # usable as saved: pipeline() loads it
     else:
@@ -63,6 +70,30 @@ def command_forget(args) -> int:
         commit = edited.push_to_hub(args.push_to_hub, merged=args.merge, **preprocessors)
         print(f"pushed to {args.push_to_hub}: {commit.commit_url}")
     return 0
+
+
+def _check_forget_request(model, args) -> None:
+    """Refuse, before any work, what the model's kind of input rules out (its family says which)."""
+    family, name = model_family(model), type(model).__name__
+    if args.prototypes and not family.supports_prototypes:
+        raise CommandError(
+            f"--prototypes synthesises whole pixel images whose embedding matches a prompt, which {name} does not "
+            "take (it embeds detected boxes, audio, or images cut into patches): drop --prototypes (the edit is "
+            "built from the class names' text embeddings)."
+        )
+    if args.merge and args.push_to_hub and family.inputs != "image":
+        raise CommandError(
+            f"--push-to-hub with --merge uploads an image processor with the model, and {name} takes "
+            f"{family.inputs}: push the adapter (drop --merge), or save with --merge and upload the folder."
+        )
+
+
+def _merged_preprocessors(args, model, tokenizer, image_processor) -> dict:
+    """What a merged save carries so that it works as saved: tokenizer and image processor, or, for a model whose
+    other input is not an image (CLAP), the checkpoint's processor (tokenizer and feature extractor)."""
+    if model_family(model).inputs != "image":
+        return {"processor": load_processor(args.model)}
+    return {"tokenizer": tokenizer, "image_processor": image_processor}
 
 
 def _features(args, state, data, *pairs):
@@ -119,11 +150,13 @@ def command_eval(args) -> int:
     state = command_processes("eval")
     with state.main_process_first():  # a first run fills caches (Hub, datasets, the demo model): one writer
         model, tokenizer, image_processor = load_dual_encoder(args.model)
+        require_image_classifier(model, "eval")
         pairs = [(model, image_processor)]
         if args.adapter:
             model = load_adapter(model, args.adapter)
         if args.reference:
             reference, reference_tokenizer, reference_processor = load_dual_encoder(args.reference)
+            require_image_classifier(reference, "eval")
             pairs.append((reference, reference_processor))
         data = load_data(args.data, args.split)
     features, shared = _features(args, state, data, *pairs)
@@ -181,6 +214,7 @@ def command_sweep(args) -> int:
     state = command_processes("sweep")
     with state.main_process_first():  # a first run fills caches (Hub, datasets, the demo model): one writer
         model, tokenizer, image_processor = load_dual_encoder(args.model)
+        require_image_classifier(model, "sweep")
         data = load_data(args.data, args.split)
     (features,), _ = _features(args, state, data, (model, image_processor))
     if not state.is_main_process:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ..families import SUPPORTED_MODEL_CLASSES, find_family
+from ..families import SUPPORTED_MODEL_CLASSES, DualEncoderFamily, family_of_class, find_family
 
 
 #: Commands whose work is shared across launched processes.
@@ -93,28 +93,86 @@ def _loading(what: str, source: str, check_path: bool = True):
         raise CommandError(_source_error(what, source, error)) from error
 
 
-def load_dual_encoder(name_or_path: str):
-    """``(model, tokenizer, image_processor)`` for MODEL; a clear error if it is not a dual encoder."""
+def _model_class(name_or_path: str):
+    """The class to load MODEL as: the supported class its config's ``architectures`` names, else ``AutoModel``.
+
+    ``AutoModel`` maps a config type to its bare model, so a detector checkpoint (``OwlViTForObjectDetection``)
+    would load as ``OwlViTModel`` without its detection heads, and an edit of that would not reach the detector.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    with _loading("model", name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path)
+    for name in getattr(config, "architectures", None) or ():
+        if family_of_class(name) is not None and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return AutoModel
+
+
+def load_dual_encoder(name_or_path: str, image_processor: bool = True):
+    """``(model, tokenizer, image_processor)`` for MODEL; a clear error if it is not a dual encoder.
+
+    The image processor is loaded only when asked for and the model takes images (``None`` otherwise: an audio
+    model has a feature extractor instead, which :func:`load_processor` gives).
+    """
     from .. import models  # noqa: F401  (registers the demo towers' model types before from_pretrained)
 
     if name_or_path == "demo":
         from ..models.demo import load_demo_model
 
         model, processor = load_demo_model()
-        return model, processor.tokenizer, processor.image_processor
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        return model, processor.tokenizer, processor.image_processor if image_processor else None
+    from transformers import AutoImageProcessor, AutoTokenizer
 
+    model_class = _model_class(name_or_path)
     with _loading("model", name_or_path):
-        model = AutoModel.from_pretrained(name_or_path).eval()
-    if find_family(model) is None:
+        model = model_class.from_pretrained(name_or_path).eval()
+    family = find_family(model)
+    if family is None:
         raise CommandError(
             f"{name_or_path!r} loads as {type(model).__name__}, which forget adapters do not support. Supported: "
             f"{', '.join(SUPPORTED_MODEL_CLASSES)} checkpoints, or `demo`."
         )
     with _loading("tokenizer", name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not image_processor or family.inputs != "image":
+        return model, tokenizer, None
     with _loading("image processor", name_or_path):
         return model, tokenizer, AutoImageProcessor.from_pretrained(name_or_path)
+
+
+def load_processor(name_or_path: str):
+    """MODEL's own processor (``AutoProcessor``): a detector's, which post-processes boxes, or CLAP's."""
+    from transformers import AutoProcessor
+
+    with _loading("processor", name_or_path):
+        return AutoProcessor.from_pretrained(name_or_path)
+
+
+def model_family(model) -> DualEncoderFamily:
+    """The family of a model :func:`load_dual_encoder` returned (or of a peft wrapper of it)."""
+    family = find_family(model)
+    if family is None:  # load_dual_encoder refuses these: a bug if reached
+        raise RuntimeError(f"{type(model).__name__} has no family.")
+    return family
+
+
+def require_image_classifier(model, command: str) -> None:
+    """Refuse ``eval``/``sweep`` (the zero-shot image-classification harness) on audio models and detectors."""
+    family = model_family(model)
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    if family.detector:
+        raise CommandError(
+            f"`{command}` measures zero-shot image classification, and {name} is an open-vocabulary detector: count "
+            "its boxes per query before/after with `hf-clip-forget detect MODEL --adapter DIR --images ... "
+            "--queries ...`."
+        )
+    if family.inputs != "image":
+        raise CommandError(
+            f"`{command}` measures zero-shot image classification, and {name} embeds {family.inputs}, not images: "
+            f"build its adapter with `hf-clip-forget forget` and check it in Python (docs/families.md)."
+        )
 
 
 def load_adapter(model, adapter: str):

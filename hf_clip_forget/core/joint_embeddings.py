@@ -37,6 +37,11 @@ def _tensor(output) -> Tensor:
     return pooled if pooled is not None else output[0]
 
 
+def _parameters(method) -> set[str]:
+    # a tower is a module: its signature is forward's (a module's own call signature is `*args, **kwargs`)
+    return set(inspect.signature(method.forward if isinstance(method, nn.Module) else method).parameters)
+
+
 def embedding_side(model: nn.Module, target: str) -> EmbeddingSide:
     """The declared :class:`EmbeddingSide` of ``model`` for ``target`` (``"visual"`` or ``"text"``); a plain
     ``get_*_features`` side for a model outside the family table (a custom dual encoder used for prompts only)."""
@@ -61,7 +66,7 @@ def embedding_function(model: nn.Module, target: str) -> Callable[..., Tensor]:
     else:
         method = _attribute(base, side.tower)
         project = _attribute(base, side.module)
-    parameters = set(inspect.signature(method).parameters)
+    parameters = _parameters(method)
 
     def embed(**inputs) -> Tensor:
         # only named parameters: a `**kwargs` of transformers methods is for attention options, not other inputs
@@ -80,7 +85,7 @@ def accepted_inputs(model: nn.Module, target: str) -> set[str]:
     """The keyword arguments the embedding function of ``target`` passes on (others are dropped)."""
     side = embedding_side(model, target)
     method = _attribute(_unwrapped(model), side.features if side.features is not None else side.tower)
-    return set(inspect.signature(method).parameters)
+    return _parameters(method)
 
 
 def image_side_embeddings(model: nn.Module, **inputs) -> Tensor:

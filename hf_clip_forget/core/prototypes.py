@@ -59,11 +59,13 @@ def _total_variation(images: Tensor) -> Tensor:
 def _capture_projection_input(model: nn.Module):
     """A forward pre-hook on ``model.visual_projection`` that records its input (the pre-projection features)."""
     captured: list[Tensor] = []
+    family = find_family(model)
+    token = family.image.token if family is not None else None
 
     def hook(module, args):
-        captured.append(args[0])
+        # a per-token Linear (FLAVA's): only the embedding's token is a prototype's feature
+        captured.append(args[0][:, token] if token is not None and args[0].ndim == 3 else args[0])
 
-    family = find_family(model)
     path = family.image.module if family is not None else "visual_projection"
     try:
         projection = model.get_submodule(path)

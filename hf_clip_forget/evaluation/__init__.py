@@ -8,9 +8,11 @@
     report = evaluate_edit(model, dataset, image_processor=processor, tokenizer=tokenizer)
     report.after.forget_accuracy, report.to_dict()                            # {"before": {...}, "after": {...}}
 
-The vision tower runs once per image: its pre-projection features are cached (:class:`ImageFeatures`) and every
-version of the model (before/after an edit of ``visual_projection``) projects them with its own projection layer.
+The image side runs once per image: the input of its image-side layer (for an output-edit family: its unedited
+embedding) is cached (:class:`ImageFeatures`), and every version of the model (before/after an edit) projects it as
+it is now (:mod:`~hf_clip_forget.evaluation.representation`).
 Accuracies come from the ``forgetting_accuracy`` `evaluate` metric shipped here (:func:`load_forgetting_metric`).
+Open-vocabulary detectors are evaluated by counting boxes per query instead (:func:`evaluate_detection`).
 """
 
 from .cache import (
@@ -22,22 +24,24 @@ from .cache import (
     vision_tower_fingerprint,
 )
 from .data import LabelledColumns, check_labelled_images, load_labelled_images, resolve_columns
-from .features import (
-    ImageFeatures,
-    embed_images,
-    find_visual_projection,
-    launched_processes,
-    pre_projection_features,
-    process_state,
-    project_image_features,
-)
+from .detection import DETECTOR_CLASSES, DetectionReport, detector_family, evaluate_detection
+from .features import embed_images, launched_processes, process_state
 from .metric import FORGETTING_METRIC_PATH, load_forgetting_metric
 from .reports import ForgettingReport, ZeroShotReport, score_predictions
+from .representation import (
+    ImageFeatures,
+    find_visual_projection,
+    image_representation,
+    pre_projection_features,
+    project_image_features,
+)
 from .zero_shot import class_embeddings, evaluate_edit, evaluate_zero_shot, zero_shot_logits
 
 
 __all__ = [
+    "DETECTOR_CLASSES",
     "FORGETTING_METRIC_PATH",
+    "DetectionReport",
     "ForgettingReport",
     "ImageFeatures",
     "LabelledColumns",
@@ -45,13 +49,16 @@ __all__ = [
     "check_labelled_images",
     "class_embeddings",
     "data_files_identity",
+    "detector_family",
     "embed_images",
+    "evaluate_detection",
     "evaluate_edit",
     "evaluate_zero_shot",
     "features_cache_dir",
     "features_cache_path",
     "find_visual_projection",
     "image_features_key",
+    "image_representation",
     "launched_processes",
     "load_forgetting_metric",
     "load_labelled_images",

@@ -1,9 +1,11 @@
 """A disk cache of image features, keyed on what determines them — never on a model's or a file's name.
 
-The features (:class:`~hf_clip_forget.evaluation.ImageFeatures`) are the vision tower's outputs, so an entry is
-keyed on a fingerprint of the vision tower's weights and configuration (:func:`vision_tower_fingerprint`), the image
-processor's settings, the dataset's ``datasets`` fingerprint and, for local data, the size and modification time of
-every file (:func:`data_files_identity`). New weights or new images at the same path make a new entry.
+The features (:class:`~hf_clip_forget.evaluation.ImageFeatures`) are what the model's image side computes before its
+forget-editable part (:mod:`~hf_clip_forget.evaluation.representation`), so an entry is keyed on that representation
+(:func:`~hf_clip_forget.evaluation.image_representation`), a fingerprint of the weights and configuration it depends
+on (:func:`vision_tower_fingerprint`), the image processor's settings, the dataset's ``datasets`` fingerprint and, for
+local data, the size and modification time of every file (:func:`data_files_identity`). New weights or new images at
+the same path make a new entry; so do features of another representation.
 """
 
 from __future__ import annotations
@@ -18,24 +20,49 @@ import torch
 from torch import nn
 
 from .features import ImageFeatures, embed_images, process_state
+from .representation import image_representation, image_side
 
 
-#: Bump when the features computed for the same inputs change meaning; old entries are then ignored.
-CACHE_FORMAT = 2
-#: Top-level modules of a dual encoder that are not part of its vision tower.
+#: Bump when the features computed for the same inputs change meaning; old entries are then ignored. (3: the
+#: representation depends on the family, and the fingerprint covers the layers between tower and projection.)
+CACHE_FORMAT = 3
+#: Top-level modules of a dual encoder without a ``vision_model`` that are not part of its image side.
 NOT_VISION = ("text_model", "text_projection", "visual_projection", "logit_scale", "logit_bias")
+#: Names of a forget adapter's own tensors in a wrapped layer's state (its factors, not base weights).
+_ADAPTER_TENSORS = "projection_edit_"
 #: Config entries that name where a model came from, not what it computes.
 _PROVENANCE_KEYS = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
 
 
+def _unwrapped_state(base: nn.Module) -> dict[str, torch.Tensor]:
+    """``base``'s state under its plain names: a forget layer's base weights as the layer's own, its factors left
+    out (cached features never depend on an edit: they are taken before it, or with it bypassed)."""
+    return {
+        name.replace(".base_layer.", "."): value
+        for name, value in base.state_dict().items()
+        if _ADAPTER_TENSORS not in name
+    }
+
+
 def _vision_tower(model: nn.Module) -> tuple[dict[str, torch.Tensor], object]:
+    """The tensors and configuration the cached features depend on: the vision tower (``vision_model``, else every
+    top-level module but the text side's), the modules outside it on the way to the image-side layer (GroupViT's
+    ``visual_projection.0``–``2`` before its ``visual_projection.3``), and that layer itself only when its output is
+    cached (an output-edit side): a mergeable Linear is applied at projection time."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tower = getattr(base, "vision_model", None)
+    side = image_side(base)
+    state = _unwrapped_state(base)
     config = getattr(base, "config", None)
-    if isinstance(tower, nn.Module):
-        return tower.state_dict(), getattr(config, "vision_config", config)
-    state = {name: value for name, value in base.state_dict().items() if name.split(".")[0] not in NOT_VISION}
-    return state, config
+    container = side.module.split(".")[0] + "."
+    if isinstance(getattr(base, "vision_model", None), nn.Module):
+        kept = {name: value for name, value in state.items() if name.startswith(("vision_model.", container))}
+        config = getattr(config, "vision_config", config)
+    else:
+        kept = {name: value for name, value in state.items() if name.split(".")[0] not in NOT_VISION}
+        kept.update((name, value) for name, value in state.items() if name.startswith(container))
+    if side.mergeable:
+        kept = {name: value for name, value in kept.items() if not name.startswith(side.module + ".")}
+    return kept, config
 
 
 def _config_json(config) -> str:
@@ -48,8 +75,9 @@ def _config_json(config) -> str:
 
 
 def vision_tower_fingerprint(model: nn.Module) -> str:
-    """sha256 of the vision tower's tensors (names, dtypes, shapes and bytes) and configuration: equal fingerprints
-    mean the same pre-projection image features. Projection layers and the text side are not part of it."""
+    """sha256 of the tensors (names, dtypes, shapes and bytes) and configuration that the cached image features
+    depend on (the vision tower and what follows it up to the cached point): equal fingerprints mean the same
+    features. A mergeable projection, forget adapters and the text side are not part of it."""
     state, config = _vision_tower(model)
     digest = hashlib.sha256(_config_json(config).encode())
     for name in sorted(state):
@@ -91,6 +119,7 @@ def image_features_key(
     """The cache key of ``model``'s image features of ``dataset`` (loaded from ``source``)."""
     parts = {
         "format": CACHE_FORMAT,
+        "representation": image_representation(model),
         "vision_tower": vision_tower_fingerprint(model),
         "image_processor": _processor_settings(image_processor),
         "dataset": dataset._fingerprint,

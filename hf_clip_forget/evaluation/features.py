@@ -1,18 +1,15 @@
-"""The image side of the evaluation: the vision tower's pre-projection features of a labelled image set.
+"""The image side of the evaluation: embedding a labelled image set once, shared among processes.
 
-The images are embedded once: what is cached is the vision tower's pooled output, the *input* of
-``visual_projection`` (:class:`ImageFeatures`). A forget adapter only edits the projection layers, so every version
-of the model — unedited, edited, merged, or with adapters bypassed — gets its image embeddings by applying its own
-``visual_projection`` to the same cached features (:func:`project_image_features`), which equals what
-``get_image_features`` computes from the pixels.
+:func:`embed_images` runs every image through the model's image side once and keeps, per image, the features
+:func:`~hf_clip_forget.evaluation.representation.pre_projection_features` returns: the input of the image-side
+Linear, or for an output-edit family (SigLIP, SigLIP 2, ALIGN) the unedited embedding (the representation module
+says why each is exact). Every output of the image processor that the family's image embedding function takes is
+passed on (SigLIP 2's ``pixel_attention_mask`` and ``spatial_shapes`` with its patches).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import datasets
@@ -20,139 +17,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..families import find_family
+from ..core.joint_embeddings import accepted_inputs
 from .data import AUTO, check_labelled_images
-
-
-#: The image-side layer of models whose family is unknown (the family layer names it for supported ones).
-PROJECTION_NAME = "visual_projection"
-
-
-# ------------------------------------------------------------------------------------------------- image features
-@dataclass(frozen=True, eq=False)
-class ImageFeatures:
-    """The cached vision-tower features of a labelled image set.
-
-    Attributes:
-        features: ``(n, h)`` float32 CPU tensor: for each image, in dataset order, the input of the model's
-            ``visual_projection`` (the vision tower's pooled output, before any projection or edit).
-        labels: ``(n,)`` int64 class indices into ``class_names``.
-        class_names: the names of the dataset's ``ClassLabel``: every class, including those without images.
-        domains: ``(n,)`` int64 domain indices into ``domain_names``, or ``None``.
-        domain_names: the domains, or ``None``.
-    """
-
-    features: Tensor
-    labels: Tensor
-    class_names: tuple[str, ...]
-    domains: Tensor | None = None
-    domain_names: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        n = self.features.shape[0]
-        if self.features.ndim != 2 or self.labels.shape != (n,):
-            raise ValueError(
-                f"`features` must be (n, h) and `labels` (n,), got {tuple(self.features.shape)} and "
-                f"{tuple(self.labels.shape)}."
-            )
-        if (self.domains is None) != (self.domain_names is None):
-            raise ValueError("Give both `domains` and `domain_names`, or neither.")
-        if self.domains is not None and self.domains.shape != (n,):
-            raise ValueError(f"`domains` must be ({n},), got {tuple(self.domains.shape)}.")
-
-    def __len__(self) -> int:
-        return self.features.shape[0]
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the features, labels and names to one ``.safetensors`` file."""
-        from safetensors.torch import save_file
-
-        tensors = {"features": self.features.contiguous(), "labels": self.labels.contiguous()}
-        if self.domains is not None:
-            tensors["domains"] = self.domains.contiguous()
-        metadata = {"class_names": json.dumps(list(self.class_names))}
-        if self.domain_names is not None:
-            metadata["domain_names"] = json.dumps(list(self.domain_names))
-        save_file(tensors, os.fspath(path), metadata=metadata)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ImageFeatures:
-        """Read features written by :meth:`save`."""
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        if "class_names" not in metadata or "features" not in tensors:
-            raise ValueError(f"{os.fspath(path)!r} was not written by `ImageFeatures.save`.")
-        domain_names = metadata.get("domain_names")
-        return cls(
-            features=tensors["features"],
-            labels=tensors["labels"],
-            class_names=tuple(json.loads(metadata["class_names"])),
-            domains=tensors.get("domains"),
-            domain_names=tuple(json.loads(domain_names)) if domain_names is not None else None,
-        )
-
-
-def find_visual_projection(model: nn.Module) -> nn.Module:
-    """The outermost module at the image-side layer path of ``model``'s family (``hf_clip_forget.families``): a
-    forget layer when the model holds adapters on it, else the plain ``nn.Linear``."""
-    family = find_family(model)
-    path = family.image.module if family is not None else PROJECTION_NAME
-    matches = [(name, module) for name, module in model.named_modules() if name == path or name.endswith("." + path)]
-    if not matches:
-        raise ValueError(
-            f"{type(model).__name__} has no `{path}` layer, so it is not a CLIP-style dual encoder. Use one of the "
-            "supported model classes (hf_clip_forget.families.SUPPORTED_MODEL_CLASSES)."
-        )
-    return min(matches, key=lambda item: item[0].count("."))[1]
-
-
-def _floating_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def pre_projection_features(model: nn.Module, pixel_values: Tensor) -> Tensor:
-    """The input of ``model``'s ``visual_projection`` while ``model.get_image_features(pixel_values=...)`` runs
-    (the vision tower's pooled output), captured with a forward pre-hook. Same device and dtype as the model."""
-    projection = find_visual_projection(model)
-    captured: list[Tensor] = []
-
-    def hook(module, args, kwargs):
-        captured.append(args[0] if args else next(iter(kwargs.values())))
-
-    handle = projection.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model.get_image_features(pixel_values=pixel_values.to(_model_device(model), _floating_dtype(model)))
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(
-            f"`get_image_features` called `{PROJECTION_NAME}` {len(captured)} times instead of once; this model's "
-            "image embeddings cannot be computed from cached pre-projection features."
-        )
-    return captured[0]
-
-
-@torch.no_grad()
-def project_image_features(model: nn.Module, features: ImageFeatures | Tensor, batch_size: int = 8192) -> Tensor:
-    """Image embeddings of ``model`` as it is now (adapters active, merged or bypassed): its ``visual_projection``
-    applied to cached pre-projection ``features``. Returns an ``(n, d)`` float32 CPU tensor, unnormalised, equal
-    to ``model.get_image_features`` of the images the features were computed from."""
-    tensor = features.features if isinstance(features, ImageFeatures) else features
-    projection = find_visual_projection(model)
-    weight = next(projection.parameters())  # the (base) projection weight: its device and dtype
-    chunks = [
-        projection(tensor[start : start + batch_size].to(weight.device, weight.dtype)).float().cpu()
-        for start in range(0, tensor.shape[0], batch_size)
-    ]
-    return torch.cat(chunks) if chunks else tensor.new_zeros(0, weight.shape[0])
+from .representation import (
+    ImageFeatures,
+    _model_device,
+    find_visual_projection,
+    image_representation,
+    pre_projection_features,
+)
 
 
 def _is_transformers_processor(processor: Any) -> bool:
@@ -162,7 +35,9 @@ def _is_transformers_processor(processor: Any) -> bool:
     return isinstance(processor, (ImageProcessingMixin, ProcessorMixin))
 
 
-def _pixel_values(image_processor: Callable, images: list) -> Tensor:
+def _image_inputs(image_processor: Callable, images: list, accepted: frozenset[str]) -> dict[str, Tensor]:
+    """The image processor's outputs for ``images`` that the model's image embedding function takes (``accepted``),
+    as tensors, each checked to hold one entry per image."""
     images = [
         image.convert("RGB") if hasattr(image, "convert") and getattr(image, "mode", "RGB") != "RGB" else image
         for image in images
@@ -171,29 +46,44 @@ def _pixel_values(image_processor: Callable, images: list) -> Tensor:
         output = image_processor(images=images, return_tensors="pt")
     else:
         output = image_processor(images)
-    pixel_values = output if isinstance(output, Tensor) else output["pixel_values"]
-    if not isinstance(pixel_values, Tensor):
-        pixel_values = torch.as_tensor(pixel_values)
-    if pixel_values.ndim != 4 or pixel_values.shape[0] != len(images):
+    if isinstance(output, Tensor):
+        output = {"pixel_values": output}
+    if not isinstance(output, Mapping) or "pixel_values" not in output:
         raise ValueError(
-            f"The image processor returned pixel values of shape {tuple(pixel_values.shape)} for {len(images)} "
-            "images; it must return a (batch, channels, height, width) tensor, alone or as `{'pixel_values': ...}`."
+            f"The image processor returned {type(output).__name__}; it must return the `pixel_values` tensor, alone "
+            "or in a mapping with the other inputs of the model's image side (`{'pixel_values': ...}`)."
         )
-    return pixel_values
+    inputs = {key: value for key, value in output.items() if key in accepted}
+    inputs = {key: value if isinstance(value, Tensor) else torch.as_tensor(value) for key, value in inputs.items()}
+    shapes = {key: tuple(value.shape) for key, value in inputs.items()}
+    if any(not shape or shape[0] != len(images) for shape in shapes.values()):
+        raise ValueError(
+            f"The image processor returned inputs of shapes {shapes} for {len(images)} images; each must hold "
+            "one entry per image along its first axis."
+        )
+    return inputs
 
 
 class _ImageBatches:
-    """``collate_fn`` of the embedding loop: dataset indices → ``(indices, pixel_values)``. Picklable, for
-    ``num_workers > 0``."""
+    """``collate_fn`` of the embedding loop: dataset indices → ``(indices, image inputs)``, the inputs being those
+    of the image processor's outputs that the model's image side takes. Picklable, for ``num_workers > 0``."""
 
-    def __init__(self, dataset: datasets.Dataset, image_column: str, image_processor: Callable) -> None:
+    def __init__(
+        self, dataset: datasets.Dataset, image_column: str, image_processor: Callable, accepted: frozenset[str]
+    ) -> None:
         self.images = dataset.select_columns([image_column])
         self.image_column = image_column
         self.image_processor = image_processor
+        self.accepted = accepted
 
-    def __call__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __call__(self, indices: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
         images = self.images[list(indices)][self.image_column]
-        return torch.tensor(indices, dtype=torch.long), _pixel_values(self.image_processor, images)
+        return torch.tensor(indices, dtype=torch.long), _image_inputs(self.image_processor, images, self.accepted)
+
+
+def image_batches(model: nn.Module, dataset: datasets.Dataset, image_column: str, image_processor: Callable):
+    """The :class:`_ImageBatches` collate function of ``model``'s image side."""
+    return _ImageBatches(dataset, image_column, image_processor, frozenset(accepted_inputs(model, "visual")))
 
 
 def _column_values(dataset: datasets.Dataset, column: str) -> list:
@@ -285,7 +175,8 @@ def embed_images(
     accelerator=None,
     show_progress: bool = True,
 ) -> ImageFeatures:
-    """Run the vision tower over every image of ``dataset`` once and cache its pre-projection features.
+    """Run the model's image side over every image of ``dataset`` once and keep, per image, the features its
+    versions are all projected from (:func:`~hf_clip_forget.evaluation.pre_projection_features`).
 
     The work is spread over the processes of a ``torchrun`` (or ``accelerate launch``) run: the batches are cut
     as in a one-process run, each process embeds a contiguous share of them (no image twice, no padding), and the
@@ -294,10 +185,12 @@ def embed_images(
     would), unless it is dispatched over several devices (``device_map``).
 
     Args:
-        model: a dual encoder (``CLIPModel``, ``VisionTextDualEncoderModel``, or a forget ``PeftModel`` of one).
+        model: a dual encoder of a supported family (``hf_clip_forget.families``), or a forget ``PeftModel`` of one.
         dataset: labelled images (see :func:`hf_clip_forget.evaluation.load_labelled_images`).
         image_processor: the model's image processor (``AutoImageProcessor`` / ``CLIPProcessor``), or any callable
-            ``list of images -> {"pixel_values": (b, c, h, w) tensor}`` (or the tensor itself).
+            ``list of images -> {"pixel_values": tensor, ...}`` (or the ``pixel_values`` tensor itself). Every
+            output the family's image embedding function takes is passed on (SigLIP 2's ``pixel_attention_mask``
+            and ``spatial_shapes``); each must have one entry per image.
         image_column, label_column, domain_column: see :func:`hf_clip_forget.evaluation.resolve_columns`.
         batch_size: images per forward pass.
         num_workers: ``DataLoader`` workers decoding and preprocessing images.
@@ -330,18 +223,18 @@ def embed_images(
     loader = DataLoader(
         range(len(dataset)),
         batch_sampler=_shard(batches, state.num_processes, state.process_index),
-        collate_fn=_ImageBatches(dataset, columns.image, image_processor),
+        collate_fn=image_batches(model, dataset, columns.image, image_processor),
         num_workers=num_workers,
     )
     progress = tqdm(
         loader, desc="Embedding images", unit="batch", disable=not show_progress or not state.is_main_process
     )
     indices, features = [], []
-    for batch_indices, pixel_values in progress:
+    for batch_indices, inputs in progress:
         indices.append(batch_indices)
-        features.append(pre_projection_features(model, pixel_values).float().cpu())
+        features.append(pre_projection_features(model, **inputs).float().cpu())
     ordered = _gather_in_order(state, indices, features, len(dataset))
-    return ImageFeatures(ordered, labels, class_names, domains, domain_names)
+    return ImageFeatures(ordered, labels, class_names, domains, domain_names, image_representation(model))
 
 
 def _gather_in_order(state, indices: list[Tensor], features: list[Tensor], num_images: int) -> Tensor:

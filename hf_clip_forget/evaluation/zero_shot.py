@@ -1,10 +1,10 @@
 """Zero-shot classification of a labelled image set by a dual encoder, before and after a forget edit.
 
-The images are embedded once: what is cached is the vision tower's pooled output, the *input* of
-``visual_projection`` (:class:`ImageFeatures`). A forget adapter only edits the projection layers, so every version
-of the model — unedited, edited, merged, or with adapters bypassed — gets its image embeddings by applying its own
-``visual_projection`` to the same cached features (:func:`project_image_features`), which equals what
-``get_image_features`` computes from the pixels.
+The images are embedded once (:class:`ImageFeatures`: per image, the input of the family's image-side layer, or
+for an output-edit family such as SigLIP its unedited embedding), and every version of the model — unedited, edited,
+merged, or with adapters bypassed — gets its image embeddings from those features as it is now
+(:func:`project_image_features`), equal to what the family's image embedding function computes from the images
+(:mod:`hf_clip_forget.evaluation.representation` says why).
 
 Each image is classified among *all* classes of the dataset (forgotten ones stay candidates) by the cosine
 similarity of its embedding with the classes' template-averaged text embeddings; accuracies are computed with the
@@ -32,17 +32,16 @@ from torch import Tensor, nn
 from ..api import holds_forget_adapters, load_from_model_checkpoint, resolve_tokenizer
 from ..core import class_text_embeddings, resolve_templates, validate_class_names
 from .data import AUTO, check_labelled_images
-from .features import (
+from .features import _place, embed_images, image_batches
+from .metric import load_forgetting_metric
+from .reports import ForgettingReport, ZeroShotReport, score_predictions
+from .representation import (
     ImageFeatures,
-    _ImageBatches,
     _model_device,
-    _place,
-    embed_images,
+    image_representation,
     pre_projection_features,
     project_image_features,
 )
-from .metric import load_forgetting_metric
-from .reports import ForgettingReport, ZeroShotReport, score_predictions
 
 
 # ------------------------------------------------------------------------------------------------------ text side
@@ -321,14 +320,14 @@ def _check_same_vision_tower(
         image_processor = _load_image_processor(model)
     columns = check_labelled_images(dataset, image_column, label_column, None)
     _place(reference_model, _model_device(model))
-    _, pixel_values = _ImageBatches(dataset, columns.image, image_processor)(
+    _, inputs = image_batches(model, dataset, columns.image, image_processor)(
         list(range(min(num_images, len(dataset))))
     )
-    ours = pre_projection_features(model, pixel_values).float()
-    theirs = pre_projection_features(reference_model, pixel_values).float()
+    ours = pre_projection_features(model, **inputs).float()
+    theirs = pre_projection_features(reference_model, **inputs).float()
     if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4 * ours.abs().max().item()):
         raise ValueError(
-            "`reference_model` and `model` have different vision towers (their features before `visual_projection` "
-            "differ), so one cannot stand for the other before the edit. Pass the unedited original of `model` as "
+            "`reference_model` and `model` have different vision towers (their cached image features, the "
+            f"{image_representation(model)}, differ), so one cannot stand for the other before the edit. Pass the unedited original of `model` as "
             "`reference_model`, or evaluate a forget PeftModel alone."
         )

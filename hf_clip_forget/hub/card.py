@@ -19,6 +19,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from ..api import ForgetPeftModel
 from ..core.fingerprint import WeightFingerprint
 from ..core.templates import IMAGENET_TEMPLATES, SINGLE_TEMPLATE
+from ..families import family_of
 
 
 TEMPLATE_NAME = "forget_adapter.md"
@@ -214,6 +215,7 @@ def build_model_card(
         evaluations=[_evaluation_row(e) for e in evaluations],
         edited_modules="`, `".join(edited_modules),
         mergeable=all(getattr(config, "mergeable", True) for config in configs.values()),
+        scope=family_of(model.get_base_model()).scope,  # the library's own text (Markdown intended)
         fingerprints=fingerprints,
         created=escape_markdown(first.provenance.get("created", "unknown")),
         versions=", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in versions.items()) or "unknown",

@@ -1,8 +1,9 @@
 """Layer 2 — the peft method ``projection_edit``: config, layer, tuner and their registration with peft."""
 
 from .config import ProjectionEditConfig
-from .layer import EditSettings, Linear, ProjectionEditLayer
+from .layer import EditSettings, ProjectionEditLayer
 from .model import DEFAULT_TARGET_MODULES, ProjectionEditModel, loading_whole_stack
+from .modules import Linear, OutputEdit
 from .registration import PEFT_TYPE, PREFIX, SAVED_PEFT_TYPE, ProjectionEditType, register_projection_edit
 
 
@@ -15,6 +16,7 @@ __all__ = [
     "SAVED_PEFT_TYPE",
     "EditSettings",
     "Linear",
+    "OutputEdit",
     "ProjectionEditConfig",
     "ProjectionEditLayer",
     "ProjectionEditModel",

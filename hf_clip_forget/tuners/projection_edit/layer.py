@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -133,16 +133,20 @@ class ProjectionEditLayer(BaseTunerLayer):
         self._edit_cache.clear()
 
     def _device(self) -> torch.device:
-        return next(self.get_base_layer().parameters()).device
+        # a module without parameters or buffers (ALIGN's average pooling) has no device of its own: its factors
+        # then stay where they are, moved with the model (the edit follows its output, see combined_edit)
+        base = self.get_base_layer()
+        tensor = next(itertools.chain(base.parameters(), base.buffers(), self.projection_edit_forget.values()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
 
     def _refuse_merge(self) -> None:
         if not self.mergeable:
             raise ValueError(
                 f"This forget adapter edits the output of a {type(self.get_base_layer()).__name__}, which is not a "
                 "Linear layer (e.g. SigLIP's image pooling head, whose output is the embedding but which ends in a "
-                "residual sum): the edit is exact on its output but cannot be written into weights. Keep the "
-                "adapter unmerged (save and push it as an adapter), or edit the text side (target='text'), which "
-                "is mergeable. Nothing was merged."
+                "residual sum, or ALIGN's average pooling, which has no weights): the edit is exact on its output "
+                "but cannot be written into weights. Keep the adapter unmerged (save and push it as an adapter), "
+                "or edit the text side (target='text'), which is mergeable. Nothing was merged."
             )
 
     def _get_available_adapters(self) -> set[str]:
@@ -163,11 +167,12 @@ class ProjectionEditLayer(BaseTunerLayer):
     # torch.compile: the cache look-up runs eagerly at every call (a graph break), so that no compiled guard can keep
     # a stale edit, and dynamo never traces the float64 composition
     @torch.compiler.disable
-    def combined_edit(self, adapter_names: list[str]) -> LowRankEdit:
+    def combined_edit(self, adapter_names: list[str], device: torch.device | None = None) -> LowRankEdit:
         """The float32 edit of the union of ``adapter_names`` (those present on this layer), cached: ``M`` of
-        :func:`~hf_clip_forget.core.compose_edits` on a text-side layer, ``Mᵀ`` on an image-side one."""
+        :func:`~hf_clip_forget.core.compose_edits` on a text-side layer, ``Mᵀ`` on an image-side one; on
+        ``device`` (default: the layer's)."""
         names = tuple(sorted(name for name in adapter_names if name in self.projection_edit_settings))
-        device = self._device()
+        device = self._device() if device is None else device
         key = (names, device, self.image_side)
         state = self._factor_state(names)
         cached = self._edit_cache.get(key)
@@ -345,102 +350,24 @@ class ProjectionEditLayer(BaseTunerLayer):
         finally:
             self._bypass_edits = previous
 
-
-class _ForgetModule(nn.Module, ProjectionEditLayer):
-    """The forget layer as a module (see :class:`Linear` and :class:`OutputEdit`)."""
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        settings: EditSettings,
-        forget_rank: int,
-        retain_rank: int = 0,
-        inference_mode: bool = True,
-        image_side: bool = True,
-        embedding_dim: int | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__()
-        ProjectionEditLayer.__init__(self, base_layer, image_side=image_side, embedding_dim=embedding_dim, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, settings, forget_rank, retain_rank, inference_mode=inference_mode)
-        self.register_load_state_dict_post_hook(_refuse_non_finite_factors)
-
-    def _apply(self, fn, recurse: bool = True):
-        # model.to(torch.bfloat16) would round the factors too; keep them float32 on the new device.
-        # (Defined here, not on the mixin: nn.Module precedes ProjectionEditLayer in this class's MRO.)
-        factors = {
-            (store_name, key): value
-            for store_name in ("projection_edit_forget", "projection_edit_retain")
-            for key, value in getattr(self, store_name).items()
-        }
-        result = super()._apply(fn, recurse)
-        device = self._device()
-        for (store_name, key), value in factors.items():
-            getattr(self, store_name)[key] = value.to(device=device, dtype=torch.float32)
-        self._edit_cache.clear()
-        # a dtype or device move rounds or moves the merged and the unedited weight alike: still consistent
-        self._merge_record = None
-        return result
-
-    def __getstate__(self) -> dict:
-        # deepcopy and pickle: the copy recomputes its edit from its own factors
-        state = super().__getstate__()
-        state["_edit_cache"] = {}
-        state["_merge_record"] = None
-        return state
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        refuse_mixed_batch(kwargs.pop("adapter_names", None))
-        if self._bypass_edits:
-            return self._unedited_forward(x, *args, **kwargs)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def current_edit(self, device: torch.device | None = None) -> LowRankEdit | None:
+        """The edit this layer's output carries now, as a map of unedited outputs (channels last): ``None`` while
+        its edits are bypassed or its adapters disabled, or with no active adapter on it; otherwise the combined
+        edit of its active adapters (written into the weights when merged, applied to the output when not)."""
+        if self._bypass_edits or self.disable_adapters:
+            return None
         active = [name for name in self.active_adapters if name in self.projection_edit_settings]
-        if self.merged:
-            self._check_merged_weight()
-            pending = [name for name in active if name not in self.merged_adapters]
-            if not pending:
-                return self.base_layer(x, *args, **kwargs)
-            # some active adapters are not merged: apply the whole union to the unedited output
-            result = self._unedited_forward(x, *args, **kwargs)
-            active = list(self.merged_adapters) + pending
-        else:
-            result = self.base_layer(x, *args, **kwargs)
-        if not active:
-            return result
-        edit = self.combined_edit(active)
-        return edit.apply(result.to(torch.float32)).to(result.dtype)
-
-    def _unedited_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.mergeable:
-            return self.base_layer(x, *args, **kwargs)
-        bias = self.unedited_bias()
-        return nn.functional.linear(x, self.unedited_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-    def __repr__(self) -> str:
-        return "projection_edit." + super().__repr__()
+        return self.combined_edit(active, device=device) if active else None
 
 
-class Linear(_ForgetModule):
-    """A forget adapter around an ``nn.Linear`` (bias allowed) whose output is the joint embedding: mergeable."""
+#: The module classes moved to :mod:`.modules`, still importable from here.
+_MOVED_TO_MODULES = ("Linear", "OutputEdit", "_ForgetModule", "_refuse_non_finite_factors")
 
 
-class OutputEdit(_ForgetModule):
-    """A forget adapter on the output of a module that is not a Linear layer but whose output is the joint
-    embedding (SigLIP's image pooling head): ``y ↦ M y``, exact; merging is refused."""
+def __getattr__(name: str):
+    # resolved lazily: .modules imports this file, so importing it at the top would be circular
+    if name in _MOVED_TO_MODULES:
+        from . import modules
 
-
-def _refuse_non_finite_factors(layer: ProjectionEditLayer, incompatible_keys) -> None:
-    """After any ``load_state_dict`` (peft's and transformers' loaders included): refuse NaN or inf factors at load,
-    naming the adapter, rather than at the first forward."""
-    for store in (layer.projection_edit_forget, layer.projection_edit_retain):
-        for name, factor in store.items():
-            if factor.device.type != "meta" and not torch.isfinite(factor).all():
-                raise ValueError(
-                    f"The loaded factors of forget adapter {name!r} contain NaN or inf values: the adapter file is "
-                    "corrupt. Re-download or rebuild it."
-                )
+        return getattr(modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

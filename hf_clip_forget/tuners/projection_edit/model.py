@@ -12,7 +12,8 @@ from ...core.fingerprint import WeightFingerprint, fingerprint_weight
 from ...families import family_of
 from .build import BuildInputs, build_adapter, can_build, is_built
 from .config import ProjectionEditConfig
-from .layer import EditSettings, Linear, OutputEdit, ProjectionEditLayer, refuse_mixed_batch
+from .layer import EditSettings, ProjectionEditLayer, refuse_mixed_batch
+from .modules import Linear, OutputEdit
 from .registration import PREFIX
 
 
@@ -36,7 +37,9 @@ def loading_whole_stack():
 
 class ProjectionEditModel(BaseTuner):
     """The peft tuner of forget adapters: wraps the projection layers of a dual encoder with
-    :class:`~hf_clip_forget.tuners.projection_edit.layer.Linear` forget layers.
+    :class:`~hf_clip_forget.tuners.projection_edit.modules.Linear` forget layers (or
+    :class:`~hf_clip_forget.tuners.projection_edit.modules.OutputEdit` where the family declares a module that is
+    not an ``nn.Linear``).
 
     Compared with peft's generic tuner, merging is atomic (every layer's merged weight is computed and checked
     before any is written), unmerging with nothing merged is an error, and adapters are validated against the
@@ -193,23 +196,24 @@ class ProjectionEditModel(BaseTuner):
         family = family_of(self.model)
         image_side = not family.is_text_side(current_key)
         new_module = self._create_new_module(
-            adapter_name, target, settings, forget_rank, retain_rank, image_side, self._output_dim(current_key)
-        )
+            adapter_name, target, settings, forget_rank, retain_rank, image_side, self._output_dim(current_key),
+            family.side_of_module(current_key).channel_dim,
+        )  # fmt: skip
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
     def _create_new_module(
-        adapter_name, target, settings, forget_rank, retain_rank, image_side=True, embedding_dim=None
+        adapter_name, target, settings, forget_rank, retain_rank, image_side=True, embedding_dim=None, channel_dim=-1
     ) -> Linear | OutputEdit:
         """A :class:`Linear` forget layer around an ``nn.Linear`` (mergeable), else an :class:`OutputEdit` on the
-        module's output (the family layer declares which modules these are)."""
+        module's output along its axis ``channel_dim`` (the family layer declares which modules these are)."""
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         layer_cls = Linear if isinstance(base, nn.Linear) else OutputEdit
         return layer_cls(
             target, adapter_name, settings, forget_rank, retain_rank, inference_mode=True, image_side=image_side,
-            embedding_dim=embedding_dim,
+            embedding_dim=embedding_dim, channel_dim=channel_dim,
         )  # fmt: skip
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
@@ -217,6 +221,15 @@ class ProjectionEditModel(BaseTuner):
         # Linear layer) is simply put back as it was
         if isinstance(child, OutputEdit) and not isinstance(new_module, BaseTunerLayer):
             setattr(parent, child_name, new_module)
+            return
+        base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+        if next(base.parameters(), None) is None:
+            # peft places the new layer on the device of the child's first parameter; a module without any (ALIGN's
+            # average pooling) is placed with its parent instead
+            setattr(parent, child_name, new_module)
+            anchor = next(parent.parameters(), None)
+            if anchor is not None and anchor.device.type != "meta":
+                new_module.to(anchor.device)
             return
         super()._replace_module(parent, child_name, new_module, child)
 

@@ -1,0 +1,27 @@
+"""Where the real labelled images are (``../shared/data``, or ``HF_CLIP_FORGET_DATA``), and stratified samples of
+them for the tests that show effectiveness on real images. The data is never copied into the project."""
+
+import os
+
+import pytest
+
+
+DATA_DIR = os.environ.get("HF_CLIP_FORGET_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+PACS_TEST = os.path.join(DATA_DIR, "pacs", "test.parquet")
+
+#: Skips a test module when the PACS test split is not there.
+needs_pacs = pytest.mark.skipif(not os.path.isfile(PACS_TEST), reason=f"PACS test split not found at {PACS_TEST}")
+
+
+def stratified_pacs(per_cell: int):
+    """The first ``per_cell`` images of every (domain, class) cell of the PACS test split, as a ``datasets.Dataset``."""
+    from hf_clip_forget.evaluation import load_labelled_images
+
+    dataset = load_labelled_images(PACS_TEST, split="test")
+    taken: dict[tuple[int, int], int] = {}
+    indices = []
+    for index, cell in enumerate(zip(dataset["domain"], dataset["label"], strict=True)):
+        if taken.get(cell, 0) < per_cell:
+            taken[cell] = taken.get(cell, 0) + 1
+            indices.append(index)
+    return dataset.select(indices)
