@@ -15,7 +15,8 @@ The package is layered; each layer imports only from the ones above it in this l
 2. ``tuners/``   — peft glue: ``ProjectionEditConfig``, the layer, the tuner, their registration;
 3. ``api/``      — the user API: ``add_forget_adapter``, ``ForgetPeftModel``, ``verify_forget_adapter``;
 4. ``hub/``      — model cards and ``push_to_hub`` (plugs into ``ForgetPeftModel``); ``evaluation/`` — the
-   zero-shot harness (imported on demand: it loads ``evaluate``);
+   zero-shot harness and detection counts (imported on demand: it loads ``evaluate``); ``audit/`` — probes that try
+   to get a forgotten class back (``audit_forgetting``, also ``ForgetPeftModel.audit_forgetting``);
 5. ``cli/``      — the ``hf-clip-forget`` command.
 
 ``models/`` sits beside ``core/``: transformers-native towers and the embedded demo dual encoder.
@@ -33,6 +34,16 @@ from .tuners import ProjectionEditConfig, ProjectionEditModel
 
 install_model_methods()
 
+
+def audit_forgetting(model, tokenizer=None, **options):
+    """See :func:`hf_clip_forget.audit.audit_forgetting` (imported on first use: it loads the evaluation layer)."""
+    from .audit import audit_forgetting as audit
+
+    return audit(model, tokenizer, **options)
+
+
+ForgetPeftModel.auditor = staticmethod(audit_forgetting)
+
 __all__ = [
     "DOMAIN_TEMPLATES",
     "IMAGENET_TEMPLATES",
@@ -46,6 +57,7 @@ __all__ = [
     "VerificationReport",
     "__version__",
     "add_forget_adapter",
+    "audit_forgetting",
     "push_to_hub",
     "synthesize_prototypes",
     "verify_forget_adapter",

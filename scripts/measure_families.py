@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -66,6 +67,26 @@ REAL_SHAPES: dict[str, tuple[str, dict]] = {
     "Owlv2ForObjectDetection": ("Owlv2Config", {"vision_config": {"image_size": 960}}),  # owlv2-base-patch16
     "ClapModel": ("ClapConfig", {}),  # laion/clap-htsat-unfused
     "GroupViTModel": ("GroupViTConfig", {}),  # nvidia/groupvit-gcc-yfcc
+    # facebook/flava-full: the defaults are its shapes (ViT-B/16 at 224, BERT-base text, 6-layer multimodal
+    # encoder, projections 768); BERT-style text has no bos/eos fields, and token 0 is read
+    "FlavaModel": ("FlavaConfig", {}),
+    # Salesforce/blip-itm-base-coco (384 px, ViT-B/16, BERT-base): its text tower has 12 heads where the
+    # default has 8 (the released BLIP configs were corrected to 12; same FLOPs at width 768)
+    "BlipForImageTextRetrieval": (
+        "BlipConfig",
+        {"text_config": {"sep_token_id": 3, "num_attention_heads": 12}},
+    ),
+    # kakaobrain/align-base: EfficientNet-B7 (the default's width 2.0, depth 3.1) + BERT-base, projection 640. The
+    # default image_size is B7's 600; transformers' ALIGN conversion script sets image_size 289 and hidden_dim 640
+    # (the pooler's kernel, which covers the whole map either way) and builds the processor resizing to 346 and
+    # center-cropping 289, the ALIGN paper's training resolution: 289 px is assumed (its processor config is not
+    # available offline)
+    "AlignModel": ("AlignConfig", {"vision_config": {"image_size": 289, "hidden_dim": 640}}),
+    # google/siglip2-base-patch16-naflex: google/siglip2-base-patch16-224 is a fixed-resolution checkpoint that
+    # loads as SiglipModel (SigLIP's row stands for it); Siglip2Model is the NaFlex variant, whose defaults are
+    # its shapes (ViT-B/16, 256 position embeddings, 64 text positions). Its processor (max_num_patches=256)
+    # resizes a square image to 16x16 patches, so the images are fed as 256 patches, not 224 px's 196
+    "Siglip2Model": ("Siglip2Config", {}),
 }
 #: input size the processor feeds when it differs from the config's image_size (CLIPSeg interpolates positions)
 INPUT_SIZE = {"CLIPSegModel": 352}
@@ -98,6 +119,11 @@ def machine_info() -> dict:
     }
 
 
+def load_average() -> float | None:
+    """The 1-min load average (the machine may be shared), or ``None`` where the platform has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 # ------------------------------------------------------------------------------------------------------- models
 def real_model(class_name: str):
     """``(model, tokenizer)``: a random ``class_name`` with its base checkpoint's shapes, fitting tiny_tokenizer."""
@@ -119,6 +145,20 @@ def real_model(class_name: str):
     return getattr(transformers, class_name)(config).eval(), tiny_tokenizer()
 
 
+def image_inputs(model, class_name: str, images: int, generator) -> dict:
+    """Random images at the model's input size; SigLIP 2: a square image's patches as its processor cuts them."""
+    vision = getattr(model.config, "vision_config", None) or model.config.image_config  # FLAVA: image_config
+    if class_name == "Siglip2Model":  # (batch, patches, 3·p·p) flattened patches, all real, on a square grid
+        side, patch = math.isqrt(vision.num_patches), vision.patch_size
+        return {
+            "pixel_values": torch.randn(images, side * side, 3 * patch * patch, generator=generator),
+            "pixel_attention_mask": torch.ones(images, side * side, dtype=torch.int32),
+            "spatial_shapes": torch.tensor([[side, side]] * images),
+        }
+    size = INPUT_SIZE.get(class_name) or getattr(vision, "image_size", 224)
+    return {"pixel_values": torch.randn(images, 3, size, size, generator=generator)}
+
+
 def query_inputs(model, class_name: str, tokenizer, batch: int, quick: bool) -> tuple[str, dict]:
     """``(kind, kwargs)`` of the query-side forward: "image", "audio" or "detect"."""
     from hf_clip_forget.testing_utils import tiny_audio_inputs, tiny_pixel_inputs
@@ -134,8 +174,7 @@ def query_inputs(model, class_name: str, tokenizer, batch: int, quick: bool) -> 
     if quick:
         pixels = tiny_pixel_inputs(class_name, images)
     else:
-        size = INPUT_SIZE.get(class_name) or getattr(model.config.vision_config, "image_size", 224)
-        pixels = {"pixel_values": torch.randn(images, 3, size, size, generator=generator)}
+        pixels = image_inputs(model, class_name, images, generator)
     if not detect:
         return "image", pixels
     text = tokenizer(QUERIES, padding=True, return_tensors="pt")
@@ -143,11 +182,13 @@ def query_inputs(model, class_name: str, tokenizer, batch: int, quick: bool) -> 
 
 
 def run_query(model, kind: str, inputs: dict) -> torch.Tensor:
-    """The query-side output: image or audio embeddings (``pooler_output``), or the detector's box logits."""
+    """The query-side output: the image (or audio) joint embeddings as the family declares them (FLAVA's token 0,
+    BLIP retrieval's ``vision_proj`` of the tower's first token), or the detector's box logits."""
+    from hf_clip_forget.core import image_side_embeddings
+
     if kind == "detect":
         return model(**inputs).logits
-    output = (model.get_image_features if kind == "image" else model.get_audio_features)(**inputs)
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+    return image_side_embeddings(model, **inputs)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -221,6 +262,7 @@ def measure_family(class_name: str, args, progress) -> dict:
     from hf_clip_forget.testing_utils import tiny_model, tiny_tokenizer
 
     progress.set_postfix_str(f"{class_name}: building")
+    run = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average": [load_average()]}
     start = time.perf_counter()
     with warnings.catch_warnings():  # transformers' notes on random configs (special ids, vocab) are expected
         warnings.simplefilter("ignore")
@@ -233,7 +275,8 @@ def measure_family(class_name: str, args, progress) -> dict:
     row["inputs"] = {k: list(v.shape) for k, v in inputs.items()}
     progress.set_postfix_str(f"{class_name}: forward")
     row["forward"] = measure_forward(edited, kind, inputs, args.rounds)
-    return row
+    run["load_average"].append(load_average())
+    return dict(row, run=run)  # when and under what load this row was measured (rows of updates differ)
 
 
 # ------------------------------------------------------------------------------------------------------- output
@@ -242,16 +285,37 @@ def describe_inputs(kind: str, shapes: dict) -> str:
     if kind == "audio":
         batch, _, frames, mels = shapes["input_features"]
         return f"{batch} clips {frames}x{mels} mel"
-    batch, _, size, _ = shapes["pixel_values"]
-    text = f"{batch} image{'s' if batch > 1 else ''} {size} px"
+    pixels = shapes["pixel_values"]
+    size = f"{pixels[1]} patches" if "spatial_shapes" in shapes else f"{pixels[2]} px"  # SigLIP 2: pre-cut patches
+    text = f"{pixels[0]} image{'s' if pixels[0] > 1 else ''} {size}"
     return text + (f", {shapes['input_ids'][0]} queries" if kind == "detect" else "")
 
 
+#: what must agree for rows of an update to be comparable with the others (else the table says so)
+SAME_MACHINE = ("cpu_count", "cpus_usable", "cpu_model", "torch_threads", "torch", "transformers", "peft")
+
+
+def describe_machine(m: dict) -> str:
+    return (
+        f"{m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}; torch {m['torch']} "
+        f"({m['torch_threads']} threads), transformers {m['transformers']}, peft {m['peft']}"
+    )
+
+
+def describe_run(run: dict) -> str:
+    """When, with which settings and under what load a run (the first, or an ``--update``) was measured."""
+    s, m = run["settings"], run["machine"]
+    load = "/".join(f"{x[0]:.2f}" if x else "?" for x in (m["load_average_at_start"], run["load_average_at_end"]))
+    return (
+        f"{m['date']}: {'tiny models (--quick)' if s['quick'] else 'real base shapes'}, edit: median of "
+        f"{s['repeats']}; forward: {s['rounds']} rounds; wall time {run['total_wall_s']:.0f} s "
+        f"(1-min load average at start/end: {load})"
+    )
+
+
 def format_table(results: dict) -> str:
-    m = results["machine"]
     out = [
-        f"Machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}; torch {m['torch']} "
-        f"({m['torch_threads']} threads), transformers {m['transformers']}, peft {m['peft']}",
+        f"Machine: {describe_machine(results['machine'])}",
         f"Settings: {'tiny models (--quick)' if results['settings']['quick'] else 'real base shapes'}, "
         f"edit: median of {results['settings']['repeats']}; forward: {results['settings']['rounds']} rounds",
         "",
@@ -273,9 +337,41 @@ def format_table(results: dict) -> str:
             f"{edit['median_s']:.2f} | {shape} | {ms['base']:.1f} | {ms['unmerged']:.1f} | "
             f"{merged} | {fwd['ratio_unmerged']:.3f} | {ratio} |"
         )
-    load = "/".join(f"{x[0]:.2f}" if x else "?" for x in (m["load_average_at_start"], results["load_average_at_end"]))
-    out += ["", f"Total wall time: {results['total_wall_s']:.0f} s (1-min load average at start/end: {load})"]
+    out += ["", f"Measured {describe_run(results)}"]
+    for update in results.get("updates", []):
+        out.append(f"Rows of {', '.join(update['settings']['classes'])} updated {describe_run(update)}")
+        if any(update["machine"][key] != results["machine"][key] for key in SAME_MACHINE):
+            out.append(f"  on another machine or versions: {describe_machine(update['machine'])}")
     return "\n".join(out)
+
+
+def read_update(path: str, quick: bool) -> dict:
+    """The results file that ``--update`` adds rows to, checked before anything is measured."""
+    try:
+        with open(path) as handle:
+            previous = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(
+            f"--update {path}: cannot read it as results JSON ({error}); use --json to start a file."
+        ) from None
+    if not {"machine", "settings", "families", "total_wall_s"} <= set(previous):
+        raise SystemExit(f"--update {path}: not a results file of this script (keys {sorted(previous)}).")
+    if previous["settings"]["quick"] != quick:
+        raise SystemExit(
+            f"--update {path}: its rows were measured {'with' if previous['settings']['quick'] else 'without'} "
+            "--quick; tiny and real-shape rows would not be comparable. Rerun with the same --quick setting."
+        )
+    return previous
+
+
+def merge_results(previous: dict, new: dict) -> dict:
+    """``previous`` with the rows of ``new`` replacing those of the same class or added (family order), the other
+    rows kept as they are; ``new``'s run (machine, settings, command, wall time) appended to ``"updates"``."""
+    rows = {row["class"]: row for row in previous["families"]} | {row["class"]: row for row in new["families"]}
+    order = family_classes()
+    ranked = sorted(rows.values(), key=lambda row: order.index(row["class"]) if row["class"] in order else len(order))
+    run = {k: new[k] for k in ("machine", "settings", "command", "total_wall_s", "load_average_at_end")}
+    return {**previous, "families": ranked, "updates": [*previous.get("updates", []), run]}
 
 
 def parse_args(argv=None):
@@ -285,7 +381,11 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="timed add_forget_adapter calls per family (default 3)")
     parser.add_argument("--rounds", type=int, help="interleaved forward rounds (default 5; --quick 3)")
     parser.add_argument("--batch", type=int, default=4, help="images (or audio clips) per forward (4)")
-    parser.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
+    output.add_argument(
+        "--update", metavar="FILE", help="measure --families only and replace or add their rows in this results JSON"
+    )
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.rounds = args.rounds or (3 if args.quick else 5)
@@ -294,6 +394,7 @@ def parse_args(argv=None):
     unknown = [c for c in args.classes if c not in available]
     if unknown:
         parser.error(f"unknown model class(es) {unknown}; choose from {available}")
+    args.previous = read_update(args.update, args.quick) if args.update else None
     return args
 
 
@@ -318,12 +419,15 @@ def main(argv=None) -> dict:
             gc.collect()
     results["total_wall_s"] = time.perf_counter() - start
     results["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.previous is not None:
+        results = merge_results(args.previous, results)
     print(format_table(results), flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
+    path = args.json or args.update
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as handle:
             json.dump(results, handle, indent=1, default=str)
-        print(f"Wrote {args.json}")
+        print(f"Wrote {path}")
     return results
 
 

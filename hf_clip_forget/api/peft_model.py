@@ -48,6 +48,17 @@ class ForgetPeftModel(PeftModel):
     model_card_writer: ClassVar[Callable[..., None] | None] = None
     #: Uploads a model to the Hub: ``uploader(model, repo_id, **options)``; plugged in by :mod:`hf_clip_forget.hub`.
     hub_uploader: ClassVar[Callable[..., Any] | None] = None
+    #: Audits the adapters: ``auditor(model, tokenizer, **options)``; plugged in by ``hf_clip_forget`` (the audit
+    #: imports the evaluation layer, above this one).
+    auditor: ClassVar[Callable[..., Any] | None] = None
+
+    def audit_forgetting(self, tokenizer=None, **options):
+        """Try to get the forgotten classes back (held-out prompts, neighbour names, retrieval, a linear probe) and
+        report before/after numbers with a verdict per probe; see :func:`hf_clip_forget.audit.audit_forgetting`."""
+        auditor = type(self).auditor
+        if auditor is None:
+            raise RuntimeError("The audit is not loaded: `import hf_clip_forget` (it plugs the audit in).")
+        return auditor(self, tokenizer, **options)
 
     def verify(self, tokenizer=None, image_processor=None, **options):
         """Recompute every adapter from its recorded classes and settings and compare with the stored factors; see
@@ -103,16 +114,21 @@ class ForgetPeftModel(PeftModel):
         writer(self, output_dir)
 
     # -------------------------------------------------------------------------------------------------- saving
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters=None, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters=None, *, audit=None, **kwargs
+    ) -> None:
         """``PeftModel.save_pretrained``, with each adapter's config recording the checksums of its factors and,
         at the root of a stack, the names of all adapters saved together. Written atomically: a failure midway
-        leaves the files of an earlier save as they were (see :func:`hf_clip_forget.files.write_directory_atomically`)."""
+        leaves the files of an earlier save as they were (see :func:`hf_clip_forget.files.write_directory_atomically`).
+        ``audit``: a report of :meth:`audit_forgetting` on this model, shown in the card and saved as ``audit.json``."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
 
         def write(staging: str) -> None:
             with self._configs_as_saved(names):
                 super(ForgetPeftModel, self).save_pretrained(staging, selected_adapters=selected_adapters, **kwargs)
             _forget_local_base_paths(staging)
+            if audit is not None:
+                self._write_card(staging, merged=False, audit=audit)
 
         write_directory_atomically(save_directory, write)
 
@@ -133,12 +149,20 @@ class ForgetPeftModel(PeftModel):
             self.peft_config.update(originals)
 
     def save_merged_pretrained(
-        self, save_directory: str | os.PathLike, *, tokenizer=None, image_processor=None, processor=None, **kwargs
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        tokenizer=None,
+        image_processor=None,
+        processor=None,
+        audit=None,
+        **kwargs,
     ) -> None:
         """Save the full model with the active adapters merged into its weights, as a plain transformers checkpoint
         (``CLIPModel.from_pretrained(save_directory)`` loads it), with the given tokenizer and image processor (or
         ``processor``) so that ``pipeline("zero-shot-image-classification", model=save_directory)`` works. This
-        model itself is not modified. Atomic, as :meth:`save_pretrained`; the card lists what was forgotten."""
+        model itself is not modified. Atomic, as :meth:`save_pretrained`; the card lists what was forgotten (and
+        the ``audit``, as :meth:`save_pretrained`)."""
 
         def write(staging: str) -> None:
             with self._merged_plain_layers():
@@ -146,11 +170,17 @@ class ForgetPeftModel(PeftModel):
             for preprocessor in (processor, tokenizer, image_processor):
                 if preprocessor is not None:
                     preprocessor.save_pretrained(staging)
-            writer = type(self).model_card_writer
-            if writer is not None:
-                writer(self, staging, merged=True)
+            self._write_card(staging, merged=True, audit=audit)
 
         write_directory_atomically(save_directory, write)
+
+    def _write_card(self, directory: str, merged: bool, audit=None) -> None:
+        writer = type(self).model_card_writer
+        if writer is None:
+            if audit is not None:
+                raise RuntimeError("Model cards are not loaded: `import hf_clip_forget` (it loads the Hub layer).")
+            return
+        writer(self, directory, merged=merged, **({"audit": audit} if audit is not None else {}))
 
     def push_to_hub(self, repo_id: str, **options):
         """Upload the adapters (default) or, with ``merged=True``, the merged full model, with a model card

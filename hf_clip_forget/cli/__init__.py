@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from ..api.verify import VERIFY_TOLERANCE
+from .audit import add_audit_parser
 from .commands import command_demo, command_eval, command_forget, command_sweep, command_verify
 from .detect import command_detect
 from .loading import CommandError, cached_image_features, load_adapter, load_data, load_dual_encoder, one_line
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--output", required=True, help="directory to save to")
     forget.add_argument("--merge", action="store_true", help="save the full model with the edit merged")
     forget.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this Hub repo")
+    forget.add_argument(
+        "--audit",
+        action="store_true",
+        help="also run the data-free audit (held-out prompts, vocabulary neighbours) and put it in the card and "
+        "audit.json",
+    )
     forget.set_defaults(handler=command_forget)
 
     verify = commands.add_parser(
@@ -113,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tolerance", type=float, default=VERIFY_TOLERANCE, help="largest accepted |ΔM| entry")
     verify.add_argument("--json", default=None, help="write the report here")
     verify.set_defaults(handler=command_verify)
+
+    add_audit_parser(commands)
 
     detect = commands.add_parser(
         "detect", help="open-vocabulary detectors (OWL-ViT, OWLv2): boxes per text query before/after an adapter"

@@ -61,13 +61,17 @@ def command_forget(args) -> int:
         prototype_options={"steps": args.prototype_steps, "seed": args.seed} if args.prototypes else None,
         image_processor=image_processor if args.prototypes else None,
     )
+    audit = None
+    if args.audit:
+        audit = edited.audit_forgetting(tokenizer)
+        print(audit)
     if args.merge:
-        edited.save_merged_pretrained(args.output, **preprocessors)  # usable as saved: pipeline() loads it
+        edited.save_merged_pretrained(args.output, audit=audit, **preprocessors)  # usable as saved: pipeline()
     else:
-        edited.save_pretrained(args.output)
+        edited.save_pretrained(args.output, audit=audit)
     print(f"forgot {edited.forgotten_classes} → {args.output} ({'merged model' if args.merge else 'adapter'})")
     if args.push_to_hub:
-        commit = edited.push_to_hub(args.push_to_hub, merged=args.merge, **preprocessors)
+        commit = edited.push_to_hub(args.push_to_hub, merged=args.merge, audit=audit, **preprocessors)
         print(f"pushed to {args.push_to_hub}: {commit.commit_url}")
     return 0
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -20,6 +21,13 @@ from ..api import ForgetPeftModel
 from ..core.fingerprint import WeightFingerprint
 from ..core.templates import IMAGENET_TEMPLATES, SINGLE_TEMPLATE
 from ..families import family_of
+
+
+if TYPE_CHECKING:  # the audit imports the evaluation layer, which imports this package: only its type is needed
+    from ..audit import AuditReport
+
+#: The file name of an audit report saved beside an adapter (and uploaded with it).
+AUDIT_FILE = "audit.json"
 
 
 TEMPLATE_NAME = "forget_adapter.md"
@@ -154,15 +162,18 @@ def build_model_card(
     license: str | None = None,
     online: bool = False,
     with_preprocessors: bool = False,
+    audit: AuditReport | None = None,
 ) -> ModelCard:
     """The card of ``model``'s forget adapters (or, with ``merged=True``, of the merged full model).
 
     Its ``license`` is ``license`` if given (a Hub license identifier), else the base model's
     (:func:`base_model_license`; looked up on the Hub only with ``online=True``), else ``unknown``.
     ``with_preprocessors``: the merged checkpoint comes with its tokenizer and image processor, so the card shows
-    ``pipeline`` usage; otherwise it says to take them from the base model.
+    ``pipeline`` usage; otherwise it says to take them from the base model. ``audit``: an
+    :class:`~hf_clip_forget.audit.AuditReport` of this model's adapters, shown in an "Audit" section.
     """
     configs = dict(model.peft_config)
+    check_audit_matches(model, audit)
     first = next(iter(configs.values()))
     base_model = base_model_id(model)
     license_metadata, license_cell = _card_license(model, license, online)
@@ -215,7 +226,8 @@ def build_model_card(
         evaluations=[_evaluation_row(e) for e in evaluations],
         edited_modules="`, `".join(edited_modules),
         mergeable=all(getattr(config, "mergeable", True) for config in configs.values()),
-        scope=family_of(model.get_base_model()).scope,  # the library's own text (Markdown intended)
+        scope=family_of(model.get_base_model()).scope,
+        audit=_audit_section(audit) if audit is not None else None,  # the library's own text (Markdown intended)
         fingerprints=fingerprints,
         created=escape_markdown(first.provenance.get("created", "unknown")),
         versions=", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in versions.items()) or "unknown",
@@ -336,9 +348,11 @@ def write_model_card(
     evaluations: Sequence[ForgetEvaluation] = (),
     license: str | None = None,
     online: bool = False,
+    audit: AuditReport | None = None,
 ) -> None:
     """Write :func:`build_model_card` as ``README.md`` into ``directory`` (a merged card shows ``pipeline`` usage
-    when the directory holds the tokenizer and the image processor)."""
+    when the directory holds the tokenizer and the image processor); with ``audit``, also the report as
+    ``audit.json``."""
     card = build_model_card(
         model,
         repo_id,
@@ -347,5 +361,49 @@ def write_model_card(
         license=license,
         online=online,
         with_preprocessors=_holds_preprocessors(directory),
+        audit=audit,
     )
     card.save(os.path.join(directory, "README.md"))
+    if audit is not None:
+        audit.save(os.path.join(directory, AUDIT_FILE))
+
+
+def check_audit_matches(model: ForgetPeftModel, audit: AuditReport | None) -> None:
+    """Refuse an audit of other adapters or classes than ``model`` holds (a card must not show another model's)."""
+    if audit is None:
+        return
+    missing = [name for name in audit.adapters if name not in model.peft_config]
+    forgotten = {c for config in model.peft_config.values() for c in config.forgotten_classes}
+    foreign = [c for c in audit.forgotten_classes if c not in forgotten]
+    if missing or foreign:
+        raise ValueError(
+            f"The audit is of adapters {list(audit.adapters)} forgetting {list(audit.forgotten_classes)}, but this "
+            f"model holds {list(model.peft_config)} forgetting {sorted(forgotten)}. Audit this model "
+            "(`model.audit_forgetting(...)`) and pass that report."
+        )
+
+
+def _audit_section(audit: AuditReport) -> dict:
+    def number(value) -> str:
+        return "—" if value is None else f"{value:.3g}"
+
+    rows = [
+        {
+            "probe": escape_markdown(row.probe),
+            "forgotten_class": escape_markdown(row.forgotten_class),
+            "subject": escape_markdown(row.subject),
+            "metric": escape_markdown(row.metric if row.verdict != "skipped" else f"skipped: {row.note}"),
+            "before": number(row.before),
+            "after": number(row.after),
+            "chance": number(row.chance),
+            "verdict": escape_markdown(row.verdict),
+        }
+        for row in audit.rows
+    ]
+    counts = ", ".join(f"{count} {name}" for name, count in audit.counts().items() if count)
+    return {
+        "source": escape_markdown(audit.data or "data-free: text proxies only"),
+        "counts": escape_markdown(counts),
+        "rows": rows,
+        "seconds": f"{audit.seconds:.0f}",
+    }

@@ -20,7 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..api import ForgetPeftModel, load_from_model_checkpoint
 from ..files import rewrite_adapter_configs
-from .card import ForgetEvaluation, base_model_id, check_license, write_model_card
+from .card import ForgetEvaluation, base_model_id, check_audit_matches, check_license, write_model_card
 
 
 #: Files that are only read as text; scanned for local paths before an upload (weights are not).
@@ -37,6 +37,7 @@ def push_to_hub(
     *,
     merged: bool = False,
     evaluations: Sequence[ForgetEvaluation] = (),
+    audit=None,
     license: str | None = None,
     tokenizer=None,
     image_processor=None,
@@ -55,6 +56,8 @@ def push_to_hub(
         repo_id: ``"namespace/name"`` of the model repo (created if missing).
         merged: upload a plain transformers checkpoint with the active adapters merged, instead of the adapters.
         evaluations: before/after accuracies to show in the card and its ``model-index``.
+        audit: an :class:`~hf_clip_forget.audit.AuditReport` of ``model`` (``model.audit_forgetting(...)``): shown in
+            the card's "Audit" section and uploaded as ``audit.json``.
         license: the card's ``license``, a Hub license identifier (``"mit"``, ``"other"``…). Default: the base
             model's, read from its card (on the Hub, or in the local directory it was loaded from); ``"unknown"``
             when that cannot be determined.
@@ -73,6 +76,7 @@ def push_to_hub(
         HubUploadError: the Hub refused or could not be reached; nothing was committed.
     """
     token = _checked_token(repo_id, token)
+    check_audit_matches(model, audit)
     if license is not None:
         check_license(license)
     preprocessors = _preprocessors(model, merged, tokenizer, image_processor, processor)
@@ -81,7 +85,14 @@ def push_to_hub(
         folder = os.path.join(temporary, "upload")
         _save_for_upload(model, folder, merged, preprocessors)
         write_model_card(
-            model, folder, merged=merged, repo_id=repo_id, evaluations=evaluations, license=license, online=True
+            model,
+            folder,
+            merged=merged,
+            repo_id=repo_id,
+            evaluations=evaluations,
+            license=license,
+            online=True,
+            audit=audit,
         )
         _name_base_by_hub_id(folder, model)
         _refuse_local_paths(folder, model)
