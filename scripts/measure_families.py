@@ -16,10 +16,17 @@ Measured, in this order, per family (``time.perf_counter``, ``torch.no_grad``, e
    median of ``--repeats`` calls (each adapter is ``unload()``-ed, untimed, before the next call).
 2. **Forward cost** of the query side, interleaved in rotating order over ``--rounds`` rounds after one warm-up
    forward each: the base model (inside ``with model.disable_adapter():``, entered untimed), the unmerged adapter and
-   the merged one (``merge_adapter()``; SigLIP's image side is refused: "n/a (refused)"). Images:
-   ``get_image_features`` on ``--batch`` random images at the model's input size; CLAP: ``get_audio_features`` on
-   10 s of random 64-bin log-mel features; detectors: the detection forward on one image with 4 text queries.
-   Reported: the median ms per forward and the ratios of the medians to the base model's.
+   the merged one (``merge_adapter()``; refused for the output edits of SigLIP, SigLIP 2 and ALIGN: "n/a
+   (refused)"). Images and audio: the family's declared image-side embedding
+   (``hf_clip_forget.core.image_side_embeddings``: ``get_image_features`` for most, FLAVA's token 0, BLIP
+   retrieval's ``vision_proj`` of the tower's first token, CLAP's ``get_audio_features``) on ``--batch`` random
+   images at the model's input size (SigLIP 2: a square image's 16x16 patches, with mask and grid) or 10 s of random
+   64-bin log-mel features; detectors: the detection forward on one image with 4 text queries. Reported: the median
+   ms per forward and the ratios of the medians to the base model's.
+
+Every row records when it was measured and the 1-min load average before and after it (``run``). ``--update FILE``
+measures only ``--families`` and replaces or adds their rows in an existing results file, keeping the other rows;
+the run (machine, settings, command, wall time) is appended to the file's ``updates``.
 
 Usage::
 
@@ -67,25 +74,18 @@ REAL_SHAPES: dict[str, tuple[str, dict]] = {
     "Owlv2ForObjectDetection": ("Owlv2Config", {"vision_config": {"image_size": 960}}),  # owlv2-base-patch16
     "ClapModel": ("ClapConfig", {}),  # laion/clap-htsat-unfused
     "GroupViTModel": ("GroupViTConfig", {}),  # nvidia/groupvit-gcc-yfcc
-    # facebook/flava-full: the defaults are its shapes (ViT-B/16 at 224, BERT-base text, 6-layer multimodal
-    # encoder, projections 768); BERT-style text has no bos/eos fields, and token 0 is read
+    # defaults = facebook/flava-full (ViT-B/16 224 px, BERT-base text, 6-layer multimodal encoder, projections 768)
     "FlavaModel": ("FlavaConfig", {}),
-    # Salesforce/blip-itm-base-coco (384 px, ViT-B/16, BERT-base): its text tower has 12 heads where the
-    # default has 8 (the released BLIP configs were corrected to 12; same FLOPs at width 768)
-    "BlipForImageTextRetrieval": (
-        "BlipConfig",
-        {"text_config": {"sep_token_id": 3, "num_attention_heads": 12}},
-    ),
-    # kakaobrain/align-base: EfficientNet-B7 (the default's width 2.0, depth 3.1) + BERT-base, projection 640. The
-    # default image_size is B7's 600; transformers' ALIGN conversion script sets image_size 289 and hidden_dim 640
-    # (the pooler's kernel, which covers the whole map either way) and builds the processor resizing to 346 and
-    # center-cropping 289, the ALIGN paper's training resolution: 289 px is assumed (its processor config is not
-    # available offline)
+    # Salesforce/blip-itm-base-coco (384 px): its text tower has 12 heads, the default 8 (same FLOPs at width 768)
+    "BlipForImageTextRetrieval": ("BlipConfig", {"text_config": {"sep_token_id": 3, "num_attention_heads": 12}}),
+    # kakaobrain/align-base: EfficientNet-B7 (the defaults) + BERT-base, projection 640. The default image_size is
+    # B7's 600; transformers' ALIGN conversion script sets 289 (and hidden_dim 640, the pooler's kernel: whole map
+    # either way) and a processor resizing to 346 then center-cropping 289, the paper's resolution. Assumed: 289 px
+    # (align-base's processor config is not available offline)
     "AlignModel": ("AlignConfig", {"vision_config": {"image_size": 289, "hidden_dim": 640}}),
-    # google/siglip2-base-patch16-naflex: google/siglip2-base-patch16-224 is a fixed-resolution checkpoint that
-    # loads as SiglipModel (SigLIP's row stands for it); Siglip2Model is the NaFlex variant, whose defaults are
-    # its shapes (ViT-B/16, 256 position embeddings, 64 text positions). Its processor (max_num_patches=256)
-    # resizes a square image to 16x16 patches, so the images are fed as 256 patches, not 224 px's 196
+    # defaults = google/siglip2-base-patch16-naflex (ViT-B/16, 256 position embeddings, 64 text positions):
+    # siglip2-base-patch16-224 is a fixed-resolution checkpoint that loads as SiglipModel (SigLIP's row). The NaFlex
+    # processor (max_num_patches=256) resizes a square image to 16x16 patches: 256 patches, not 224 px's 196
     "Siglip2Model": ("Siglip2Config", {}),
 }
 #: input size the processor feeds when it differs from the config's image_size (CLIPSeg interpolates positions)
@@ -291,10 +291,6 @@ def describe_inputs(kind: str, shapes: dict) -> str:
     return text + (f", {shapes['input_ids'][0]} queries" if kind == "detect" else "")
 
 
-#: what must agree for rows of an update to be comparable with the others (else the table says so)
-SAME_MACHINE = ("cpu_count", "cpus_usable", "cpu_model", "torch_threads", "torch", "transformers", "peft")
-
-
 def describe_machine(m: dict) -> str:
     return (
         f"{m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}; torch {m['torch']} "
@@ -316,8 +312,13 @@ def describe_run(run: dict) -> str:
 def format_table(results: dict) -> str:
     out = [
         f"Machine: {describe_machine(results['machine'])}",
-        f"Settings: {'tiny models (--quick)' if results['settings']['quick'] else 'real base shapes'}, "
-        f"edit: median of {results['settings']['repeats']}; forward: {results['settings']['rounds']} rounds",
+        f"Measured {describe_run(results)}",
+    ]
+    for update in results.get("updates", []):
+        out.append(f"Rows of {', '.join(update['settings']['classes'])} updated {describe_run(update)}")
+        if describe_machine(update["machine"]) != describe_machine(results["machine"]):
+            out.append(f"  on another machine or versions: {describe_machine(update['machine'])}")
+    out += [
         "",
         "| family | class | params (M) | prompts | edit s (median) | query input | base ms | unmerged ms "
         "| merged ms | unmerged / base | merged / base |",
@@ -337,11 +338,6 @@ def format_table(results: dict) -> str:
             f"{edit['median_s']:.2f} | {shape} | {ms['base']:.1f} | {ms['unmerged']:.1f} | "
             f"{merged} | {fwd['ratio_unmerged']:.3f} | {ratio} |"
         )
-    out += ["", f"Measured {describe_run(results)}"]
-    for update in results.get("updates", []):
-        out.append(f"Rows of {', '.join(update['settings']['classes'])} updated {describe_run(update)}")
-        if any(update["machine"][key] != results["machine"][key] for key in SAME_MACHINE):
-            out.append(f"  on another machine or versions: {describe_machine(update['machine'])}")
     return "\n".join(out)
 
 

@@ -92,3 +92,12 @@ def test_push_to_hub_uploads_the_audit_with_the_adapter(fake_hub, tokenizer):
     files = fake_hub.repos["user/audited-cat"]
     assert json.loads(files["audit.json"])["forgotten_classes"] == ["cat"]
     assert "## Audit" in files["README.md"].decode() and "No audit was supplied" not in files["README.md"].decode()
+
+
+def test_forget_can_expand_the_forget_set_with_neighbour_words(model_dir, tmp_path):
+    output = tmp_path / "expanded"
+    assert main(["forget", model_dir, "--classes", "cat", "--templates", "single", "--expand-neighbours", "2",
+                 "--output", str(output)]) == 0  # fmt: skip
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["expand_neighbours"] == 2 and len(config["neighbour_names"]["cat"]) == 2
+    assert "(and its neighbours" in ModelCard.load(output / "README.md").text

@@ -47,6 +47,7 @@ def add_forget_adapter(
     prototype_options: dict[str, Any] | None = None,
     image_processor=None,
     rank_tolerance: float = DEFAULT_RANK_TOLERANCE,
+    expand_neighbours: int = 0,
     batch_size: int = 256,
     show_progress: bool = True,
 ) -> ForgetPeftModel:
@@ -102,6 +103,10 @@ def add_forget_adapter(
         image_processor: the model's image processor (input size and normalisation of the prototypes); loaded
             from the model's checkpoint when omitted and prototypes are requested.
         rank_tolerance: relative singular value in (0, 1) under which a direction of the forget set counts as noise.
+        expand_neighbours: also forget, per class, this many whole words of the tokenizer's vocabulary nearest to
+            it under the unedited text tower (its other names: "puppy" for "dog"); the words are recorded in the
+            config's ``neighbour_names`` and listed on the card. The audit (``audit_forgetting``) measures why: a
+            class forgotten by name alone can come back under such a word (``docs/audit.md``).
         batch_size: prompts per text-tower batch (a positive integer).
         show_progress: show a progress bar while embedding prompts.
 
@@ -123,6 +128,7 @@ def add_forget_adapter(
         ccup_lambda=ccup_lambda, ccup_mu=ccup_mu, keep_shared_direction=keep_shared_direction, domains=domains,
         retain_domains=retain_domains, paradigm=paradigm, domain_templates=domain_templates, prototypes=prototypes,
         retain_prototypes=retain_prototypes, prototype_options=prototype_options, rank_tolerance=rank_tolerance,
+        expand_neighbours=expand_neighbours,
     )  # fmt: skip
     inputs = BuildInputs(tokenizer, image_processor, text_embeds, retain_text_embeds, batch_size, show_progress)
     built = build_adapter(base, config, inputs)
@@ -159,7 +165,7 @@ def forget_config(
     its defaults resolved.
 
     ``settings`` are the config fields passed through unchanged (``alpha``, ``ccup_lambda``, ``ccup_mu``,
-    ``average_templates``, ``domain_templates``, ``rank_tolerance``).
+    ``average_templates``, ``domain_templates``, ``rank_tolerance``, ``expand_neighbours``).
     """
     classes = _class_names(classes, text_embeds)
     if retain_classes is not None:

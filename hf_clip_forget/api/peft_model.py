@@ -16,8 +16,8 @@ from torch import nn
 
 from ..files import rewrite_adapter_configs, write_directory_atomically
 from ..tuners.projection_edit import ProjectionEditConfig, loading_whole_stack
-from ..tuners.projection_edit.build import shareable_model_id
 from ..tuners.projection_edit.layer import refuse_mixed_batch
+from ..tuners.projection_edit.provenance import shareable_model_id
 from .saved import check_forget_peft_type, check_loaded_factors, factor_checksums, read_adapter_config, saved_adapters
 
 

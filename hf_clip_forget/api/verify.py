@@ -101,7 +101,7 @@ def _verify_one(model: PeftModel, name: str, inputs: BuildInputs, tolerance: flo
             worst, worst_module = difference, module
     matches = worst <= tolerance
     detail = (
-        f"the stored edit is the one its classes {list(config.forgotten_classes)} give"
+        f"the stored edit is the one its classes {config.forget_names()} give"
         if matches
         else f"`{worst_module}` differs from the edit of {list(config.forgotten_classes)}: the factors do not "
         "forget what the config and card say"

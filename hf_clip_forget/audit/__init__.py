@@ -9,7 +9,7 @@
     report.save("audit.json"); report.plot("audit.png")
 """
 
-from .neighbours import find_neighbours, vocabulary_words
+from ..core import find_neighbours, vocabulary_words
 from .report import GONE_MARGIN, LEAK_SHARE, NOT_REMOVED, VERDICTS, AuditReport, AuditRow, verdict
 from .run import audit_forgetting
 

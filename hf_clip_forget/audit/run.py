@@ -10,10 +10,11 @@ import datasets
 from torch import nn
 
 from ..api import resolve_tokenizer
+from ..core import find_neighbours, vocabulary_words
 from ..evaluation import ImageFeatures, embed_images, project_image_features
 from ..evaluation.zero_shot import _load_image_processor, _prompt_names
+from ..tuners.projection_edit.neighbours import naming_template
 from .image_probes import image_rows, image_set
-from .neighbours import check_neighbours, find_neighbours, vocabulary_words
 from .report import AuditReport
 from .setup import AuditSetup, EmbeddingSpace, edit_setup
 from .text_probes import held_out_prompt_rows, margin_rows, neighbour_rows
@@ -92,6 +93,24 @@ def audit_forgetting(
     )
 
 
+def _same_name(a: str, b: str) -> bool:
+    return a.strip().lower() == b.strip().lower()
+
+
+def check_neighbours(neighbours: Mapping[str, Sequence[str]], named_classes: Sequence[str]) -> None:
+    """Refuse neighbour names that are themselves a forgotten or retained class (they would test nothing)."""
+    for forgotten, names in neighbours.items():
+        clashes = sorted({n for n in names for c in named_classes if _same_name(n, c)})
+        if clashes:
+            raise ValueError(
+                f"Neighbour names {clashes} of {forgotten!r} are classes of the edit themselves (forgotten or kept); "
+                "a neighbour must be another name for the class. Remove them from `neighbours`."
+            )
+        blank = [n for n in names if not isinstance(n, str) or not n.strip()]
+        if blank:
+            raise ValueError(f"Neighbour names of {forgotten!r} must be non-empty strings, got {blank!r}.")
+
+
 def _per_class(neighbours, forgotten: Sequence[str]) -> dict[str, tuple[str, ...]]:
     if neighbours is None:
         return {name: () for name in forgotten}
@@ -116,9 +135,11 @@ def _with_neighbours(
         nearest = find_neighbours(
             lambda prompts: space.prompts(prompts, edited=False),
             setup.forgotten,
-            [*setup.candidates, *(n for names in given.values() for n in names)],
+            setup.candidates,
             words,
             count,
+            naming_template(space.base),
+            exclude=[n for names in given.values() for n in names],
         )
         found = {name: tuple(word for word, _ in pairs) for name, pairs in nearest.items()}
     merged = {name: tuple(dict.fromkeys([*given[name], *found[name]])) for name in setup.forgotten}

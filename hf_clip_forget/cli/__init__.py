@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--merge", action="store_true", help="save the full model with the edit merged")
     forget.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this Hub repo")
     forget.add_argument(
+        "--expand-neighbours",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also forget the K vocabulary words nearest to each class (its other names; see `audit`)",
+    )
+    forget.add_argument(
         "--audit",
         action="store_true",
         help="also run the data-free audit (held-out prompts, vocabulary neighbours) and put it in the card and "

@@ -60,6 +60,7 @@ def command_forget(args) -> int:
         prototypes=args.prototypes,
         prototype_options={"steps": args.prototype_steps, "seed": args.seed} if args.prototypes else None,
         image_processor=image_processor if args.prototypes else None,
+        expand_neighbours=args.expand_neighbours,
     )
     audit = None
     if args.audit:

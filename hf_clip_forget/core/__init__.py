@@ -7,6 +7,7 @@ from .domains import PARADIGMS, DomainCell, DomainPlan, plan_domain_edit
 from .factors import EditFactors, build_edit_factors
 from .joint_embeddings import embedding_function, image_side_embeddings, text_side_embeddings
 from .linear_probe import LinearProbeResult, linear_probe
+from .neighbours import find_neighbours, nearest_words, vocabulary_words
 from .prototypes import VisualPrototypes, synthesize_prototypes
 from .subspace import (
     DEFAULT_RANK_TOLERANCE,
@@ -72,10 +73,12 @@ __all__ = [
     "embedding_function",
     "encode_prompts",
     "fill_templates",
+    "find_neighbours",
     "generic_domain_templates",
     "gram_factor",
     "image_side_embeddings",
     "linear_probe",
+    "nearest_words",
     "normalize_rows",
     "nullspace_edit",
     "orthonormal_basis",
@@ -86,4 +89,5 @@ __all__ = [
     "synthesize_prototypes",
     "text_side_embeddings",
     "validate_class_names",
+    "vocabulary_words",
 ]

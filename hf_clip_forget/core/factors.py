@@ -39,6 +39,7 @@ def build_edit_factors(
     anchor_embeds: Tensor | None = None,
     rtol: float = DEFAULT_RANK_TOLERANCE,
     keep_shared_direction: bool = False,
+    extra_forget_embeds: Tensor | None = None,
 ) -> EditFactors:
     """Factors of a forget edit from row embeddings.
 
@@ -54,6 +55,9 @@ def build_edit_factors(
     direction ``s`` shared by all named classes (:func:`~hf_clip_forget.core.subspace.shared_direction` of forget and
     retain embeddings), and CCUP also keeps ``s``. A forgotten class's logit then falls to about the mean logit
     instead of 0, while the other classes keep their common component.
+
+    ``extra_forget_embeds``: further directions to forget (other names of the forgotten classes) that do not count
+    as classes: they join the forget set after the shared direction is computed from the classes alone.
     """
     if method not in EDIT_METHODS:
         raise ValueError(f"`method` must be one of {EDIT_METHODS}, got {method!r}.")
@@ -68,6 +72,8 @@ def build_edit_factors(
                 "classes. Pass `retain_classes` (e.g. the other candidate classes), or keep_shared_direction=False."
             )
         basis = shared_direction(torch.cat([forget, retain]))[:, None]
+        if extra_forget_embeds is not None:
+            forget = torch.cat([forget, normalize_rows(extra_forget_embeds)])
         distinctive = remove_span(forget, basis)
         if (distinctive.norm(dim=1) < 1e-6).any():
             raise ValueError(
@@ -76,6 +82,8 @@ def build_edit_factors(
             )
         forget = normalize_rows(distinctive)
         retain = torch.cat([retain, basis.T])
+    elif extra_forget_embeds is not None:
+        forget = torch.cat([forget, normalize_rows(extra_forget_embeds)])
     if anchor_embeds is not None:
         kept_rows = normalize_rows(anchor_embeds)
         if retain is not None:

@@ -264,7 +264,7 @@ def _adapter_row(name: str, config, active: bool) -> dict:
     ccup = config.method == "ccup"
     return {
         "name": escape_markdown(name),
-        "classes": [escape_markdown(c) for c in config.forgotten_classes],
+        "classes": [_with_neighbours(c, getattr(config, "neighbour_names", {})) for c in config.forgotten_classes],
         "method": config.method + (", shared direction kept" if config.keep_shared_direction else ""),
         "alpha": f"{config.alpha:g}" if not ccup else "–",
         "lambda_mu": f"{config.ccup_lambda:g} / {config.ccup_mu:g}" if ccup else "–",
@@ -282,6 +282,13 @@ def _adapter_row(name: str, config, active: bool) -> dict:
         ),
         "active": active,
     }
+
+
+def _with_neighbours(name: str, neighbour_names: dict) -> str:
+    """A forgotten class as the card lists it, with the vocabulary words forgotten with it (``expand_neighbours``)."""
+    words = neighbour_names.get(name) or []
+    also = f" (and its neighbours {', '.join(escape_markdown(w) for w in words)})" if words else ""
+    return escape_markdown(name) + also
 
 
 def _where(config) -> str:

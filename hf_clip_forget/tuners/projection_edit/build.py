@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..._version import __version__
 from ...core import (
     DomainCell,
     EditFactors,
@@ -38,7 +35,9 @@ from ...core.tokenizer_checks import check_tokenizer_matches_model, warn_about_p
 from ...families import family_of
 from .config import ProjectionEditConfig
 from .layer import ProjectionEditLayer
+from .neighbours import with_neighbour_names
 from .preprocessors import prototype_geometry, resolve_image_processor, resolve_tokenizer
+from .provenance import provenance, shareable_model_id
 
 
 PROTOTYPE_OPTIONS = {"steps", "learning_rate", "grid", "tv_weight", "jitter", "batch_size", "seed"}
@@ -88,6 +87,7 @@ def build_adapter(model: nn.Module, config: ProjectionEditConfig, inputs: BuildI
             tokenizer, [*config.forgotten_classes, *config.retain_classes], _all_templates(model, config)
         )
     with _edits_bypassed(model), torch.no_grad():
+        config = with_neighbour_names(model, config, tokenizer, inputs.batch_size, inputs.show_progress)
         embeddings = _Embedder(model, config, inputs, tokenizer).embeddings(modules)
     family = family_of(model)
     factors = {name: _module_factors(family.is_text_side(name), config, embeddings) for name in modules}
@@ -168,6 +168,16 @@ def _check_request(config: ProjectionEditConfig, inputs: BuildInputs) -> None:
             "This ProjectionEditConfig names no `forgotten_classes`, so there is no edit to build. Name the classes "
             "(`ProjectionEditConfig(forgotten_classes=['dog'])`) or use `hf_clip_forget.add_forget_adapter`."
         )
+    if from_vectors and (config.expand_neighbours or config.neighbour_names):
+        raise ValueError(
+            "`expand_neighbours` searches words near the forgotten class *names*; with `text_embeds` there are no "
+            "names. Pass class names, or drop `expand_neighbours`."
+        )
+    if (config.expand_neighbours or config.neighbour_names) and _domain_aware(config):
+        raise ValueError(
+            "`expand_neighbours` forgets the neighbour words everywhere, which a domain-aware edit (domains, "
+            "paradigm, prototypes) would contradict. Drop `expand_neighbours`, or forget globally."
+        )
     if _domain_aware(config) and from_vectors:
         raise ValueError(
             "Domains and prototypes are built from class names; they cannot be combined with `text_embeds`. Pass "
@@ -212,6 +222,7 @@ class _Embeddings:
     forget: Tensor
     retain: Tensor | None
     anchor: Tensor | None
+    neighbours: Tensor | None = None  # other names of the forgotten classes (expand_neighbours): not classes
 
 
 class _Embedder:
@@ -238,7 +249,9 @@ class _Embedder:
             elif config.retain_classes:
                 retain = self._classes(config.retain_classes)
         anchor = self._anchor() if family_of(self.model).text.module in modules else None
-        return _Embeddings(self.templates, forget, retain, anchor)
+        words = [word for names in config.neighbour_names.values() for word in names]
+        neighbours = self._classes(words) if words else None
+        return _Embeddings(self.templates, forget, retain, anchor, neighbours)
 
     def _classes(self, names: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
         return class_text_embeddings(
@@ -294,14 +307,16 @@ class _Embedder:
 def _module_factors(text_side: bool, config: ProjectionEditConfig, embeddings: _Embeddings) -> EditFactors:
     if text_side:
         return build_edit_factors(
-            config.method, embeddings.forget, embeddings.retain, embeddings.anchor, rtol=config.rank_tolerance
-        )
+            config.method, embeddings.forget, embeddings.retain, embeddings.anchor, rtol=config.rank_tolerance,
+            extra_forget_embeds=embeddings.neighbours,
+        )  # fmt: skip
     return build_edit_factors(
         config.method,
         embeddings.forget,
         embeddings.retain,
         rtol=config.rank_tolerance,
         keep_shared_direction=config.keep_shared_direction,
+        extra_forget_embeds=embeddings.neighbours,
     )
 
 
@@ -326,15 +341,6 @@ def _filled_config(model, config, templates, modules, factors: dict[str, EditFac
     )
 
 
-def shareable_model_id(name_or_path: str | None) -> str | None:
-    """``name_or_path`` when it names a Hub repo; ``None`` for a local path, which says nothing to anyone else,
-    leaks the author's file system, and whose last component could pass for an unrelated Hub id."""
-    if not name_or_path:
-        return None
-    local = os.path.isabs(name_or_path) or os.path.exists(name_or_path) or name_or_path.startswith((".", "~"))
-    return None if local else name_or_path
-
-
 def base_fingerprints(model: nn.Module) -> dict[str, dict]:
     """Fingerprints of both projection weights of ``model`` as they are without any forget edit."""
     fingerprints = {}
@@ -345,24 +351,6 @@ def base_fingerprints(model: nn.Module) -> dict[str, dict]:
         elif isinstance(layer, nn.Linear):
             fingerprints[name] = fingerprint_weight(layer.weight).to_dict()
     return fingerprints
-
-
-def provenance() -> dict:
-    """When and with which library versions an adapter was built."""
-    import huggingface_hub
-    import peft
-    import transformers
-
-    return {
-        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "versions": {
-            "hf_clip_forget": __version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "huggingface_hub": huggingface_hub.__version__,
-        },
-    }
 
 
 @contextlib.contextmanager

@@ -69,6 +69,13 @@ class ProjectionEditConfig(PeftConfig):
             of another shape is refused.
         forgotten_classes (`list[str]`):
             The classes this adapter forgets (a saved adapter says what it forgets).
+        expand_neighbours (`int`, defaults to `0`):
+            Also forget, per forgotten class, this many whole words of the tokenizer's vocabulary nearest to it
+            under the unedited text tower (other names of the class: "puppy" for "dog"), so that it cannot come back
+            under them. The words found are recorded in `neighbour_names`.
+        neighbour_names (`dict[str, list[str]]`):
+            Forgotten class → the vocabulary words forgotten with it (filled on build; rebuilt from, not searched
+            again, when the adapter is verified).
         retain_classes (`list[str]`):
             The classes named as kept: CCUP keeps them; with `keep_shared_direction` they define the shared
             direction; text-side edits keep them exactly.
@@ -136,6 +143,12 @@ class ProjectionEditConfig(PeftConfig):
         default_factory=dict, metadata={"help": "[out_features, in_features] of each target module at build time."}
     )
     forgotten_classes: list = field(default_factory=list, metadata={"help": "Class names this adapter forgets."})
+    expand_neighbours: int = field(
+        default=0, metadata={"help": "Nearest vocabulary words per forgotten class to forget with it (0: none)."}
+    )
+    neighbour_names: dict = field(
+        default_factory=dict, metadata={"help": "Forgotten class → vocabulary words forgotten with it (on build)."}
+    )
     retain_classes: list = field(
         default_factory=list, metadata={"help": "Class names kept (CCUP, shared direction, text side)."}
     )
@@ -226,6 +239,7 @@ class ProjectionEditConfig(PeftConfig):
                 f"counts as noise; default {DEFAULT_RANK_TOLERANCE}), got {rtol!r}."
             )
         self._check_shapes_and_ranks()
+        self._check_neighbours()
         if self.embedding_source not in ("class_names", "text_embeds"):
             raise ValueError(
                 f"`embedding_source` must be 'class_names' or 'text_embeds', got {self.embedding_source!r}."
@@ -248,6 +262,24 @@ class ProjectionEditConfig(PeftConfig):
                         f"`{name}[{module!r}]` = {rank} exceeds the layer's {out_features} output features: a factor "
                         "has at most one column per embedding dimension. The adapter config is corrupt or altered."
                     )
+
+    def _check_neighbours(self) -> None:
+        count = self.expand_neighbours
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"`expand_neighbours` must be an integer >= 0 (words per class), got {count!r}.")
+        names = self.neighbour_names
+        if not isinstance(names, dict) or not all(
+            isinstance(words, list) and all(isinstance(w, str) and w.strip() for w in words)
+            for words in names.values()
+        ):
+            raise ValueError(f"`neighbour_names` must map class names to lists of words, got {names!r}.")
+        unknown = sorted(set(names) - set(self.forgotten_classes))
+        if unknown:
+            raise ValueError(f"`neighbour_names` names {unknown}, which are not among `forgotten_classes`.")
+
+    def forget_names(self) -> list[str]:
+        """The names whose directions are forgotten: the classes, then the neighbour words found for them."""
+        return [*self.forgotten_classes, *(w for words in self.neighbour_names.values() for w in words)]
 
     def to_dict(self) -> dict:
         output = super().to_dict()

@@ -1,14 +1,14 @@
-"""Names close to a forgotten class: given by the user, or found in the model's own vocabulary.
+"""Names close to a class: whole words of the model's own vocabulary nearest to it in the text embedding space.
 
-A class can come back under another name ("puppy" for "dog"). The automatic search takes whole words from the
-tokenizer's vocabulary (or a word list the user passes), embeds each with one template through the *unedited* text
-tower, and keeps the words nearest to the class by cosine similarity.
+A forgotten class can come back under another name ("puppy" for "dog"). The search takes whole words from the
+tokenizer's vocabulary (or a word list), embeds each with one template through the *unedited* text tower, and keeps
+the words nearest to the class by cosine similarity. The audit tries them; ``expand_neighbours`` forgets them too.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -34,8 +34,9 @@ def vocabulary_words(tokenizer, limit: int) -> list[str]:
                 break
     if not words:
         raise ValueError(
-            "The tokenizer's vocabulary has no whole words to search for neighbour names. Pass `neighbours=` (names "
-            "to try) or `vocabulary=` (a word list), or `vocabulary_neighbours=0` to skip the search."
+            "The tokenizer's vocabulary has no whole words to search for neighbour names: pass a word list "
+            "(`vocabulary=`) or names to try (`neighbours=`), or turn the search off (`vocabulary_neighbours=0`, "
+            "`expand_neighbours=0`)."
         )
     return list(words)
 
@@ -51,37 +52,27 @@ def _whole_word(token: str) -> str | None:
     return token if _WORD.match(token) else None
 
 
-def _same_name(a: str, b: str) -> bool:
-    return a.strip().lower() == b.strip().lower()
-
-
-def check_neighbours(neighbours: Mapping[str, Sequence[str]], named_classes: Sequence[str]) -> None:
-    """Refuse neighbour names that are themselves a forgotten or retained class (they would test nothing)."""
-    for forgotten, names in neighbours.items():
-        clashes = sorted({n for n in names for c in named_classes if _same_name(n, c)})
-        if clashes:
-            raise ValueError(
-                f"Neighbour names {clashes} of {forgotten!r} are classes of the edit themselves (forgotten or kept); "
-                "a neighbour must be another name for the class. Remove them from `neighbours`."
-            )
-        blank = [n for n in names if not isinstance(n, str) or not n.strip()]
-        if blank:
-            raise ValueError(f"Neighbour names of {forgotten!r} must be non-empty strings, got {blank!r}.")
-
-
 def nearest_words(
     class_embedding: Tensor,
     words: Sequence[str],
     word_embeddings: Tensor,
     count: int,
     exclude: Iterable[str],
+    rival_embeddings: Tensor | None = None,
 ) -> list[tuple[str, float]]:
     """The ``count`` words whose (normalised) embeddings are nearest to ``class_embedding``, with their cosines,
-    leaving out the names in ``exclude`` (case-insensitive)."""
+    leaving out the names in ``exclude`` (case-insensitive) and every word at least as near to one of the
+    ``rival_embeddings`` (the other named classes) as to this class: a word shared by several classes ("animal" for
+    "dog" and "cat") is not another name of one of them."""
     excluded = {name.strip().lower() for name in exclude}
     similarity = word_embeddings.float() @ class_embedding.float()
+    if rival_embeddings is not None and len(rival_embeddings):
+        rival = (word_embeddings.float() @ rival_embeddings.float().T).max(dim=1).values
+        similarity = torch.where(similarity > rival, similarity, torch.full_like(similarity, float("-inf")))
     ranked = []
     for index in torch.argsort(similarity, descending=True).tolist():
+        if similarity[index] == float("-inf"):
+            break
         if words[index] not in excluded:
             ranked.append((words[index], float(similarity[index])))
             if len(ranked) == count:
@@ -96,23 +87,29 @@ def find_neighbours(
     words: Sequence[str],
     count: int,
     template: str = "a photo of a {}.",
+    exclude: Sequence[str] = (),
 ) -> dict[str, list[tuple[str, float]]]:
-    """For each forgotten class, the ``count`` vocabulary words nearest to it under the unedited text tower.
+    """For each forgotten class, the ``count`` vocabulary words nearest to it under the unedited text tower, among
+    those nearer to it than to any other class in ``forgotten`` and ``named_classes``.
 
     Args:
         embed: prompts → normalised ``(n, d)`` embeddings of the unedited model.
         forgotten: the forgotten classes.
-        named_classes: every class of the edit (excluded from the results, with the forgotten ones).
+        named_classes: the other classes of the edit (excluded from the results, as the forgotten ones, and rivals:
+            a word nearer to one of them is not a neighbour).
         words: the candidate words.
         count: neighbours per class.
         template: the prompt each word and class is embedded with.
+        exclude: further words to leave out (names already tried).
     """
-    classes = embed([template.format(name) for name in forgotten])
+    rivals = list(dict.fromkeys([*forgotten, *named_classes]))
+    classes = embed([template.format(name) for name in rivals])
     word_embeddings = embed([template.format(word) for word in words])
-    return {
-        name: nearest_words(classes[index], words, word_embeddings, count, exclude=named_classes)
-        for index, name in enumerate(forgotten)
-    }
+    found = {}
+    for index, name in enumerate(forgotten):
+        others = torch.cat([classes[:index], classes[index + 1 :]])
+        found[name] = nearest_words(classes[index], words, word_embeddings, count, [*rivals, *exclude], others)
+    return found
 
 
-__all__ = ["check_neighbours", "find_neighbours", "nearest_words", "vocabulary_words"]
+__all__ = ["find_neighbours", "nearest_words", "vocabulary_words"]
