@@ -2,12 +2,13 @@
 """Measure forget adapters on every supported model family (issue 11): edit build time and forward cost.
 
 One model class per family of ``hf_clip_forget.families.FAMILIES`` (its first class: ``OwlViTModel`` stands for
-OWL-ViT/OWLv2 embeddings; the two detectors, CLAP and SigLIP are families of their own). Each model is *randomly
-initialised* with the real shapes of the family's base checkpoint: the transformers config defaults, which are those
-shapes, plus the overrides in ``REAL_SHAPES`` where a default is not (e.g. OWLv2's 960-pixel input). The text tower
-takes ``tiny_tokenizer()`` (vocab 1000, [PAD]/[BOS]/[EOS] = 0/2/3): its vocab is set to 1000 and its special ids to
-0/2/3; the cost of a text tower is its width and depth times the prompt length, not its vocabulary. The
-vision-text dual encoder is the embedded demo model (real weights) with its own tokenizer.
+OWL-ViT/OWLv2 embeddings; the two detectors, CLAP, SigLIP, SigLIP 2 and BLIP retrieval are families of their own).
+Each model is *randomly initialised* with the real shapes of the family's base checkpoint: the transformers config
+defaults, which are those shapes, plus the overrides in ``REAL_SHAPES`` where a default is not (e.g. OWLv2's
+960-pixel input, ALIGN's 289). The text tower takes ``tiny_tokenizer()`` (vocab 1000, [PAD]/[BOS]/[EOS] = 0/2/3):
+its vocab is set to 1000 and its special ids to 0/2/3; the cost of a text tower is its width and depth times the
+prompt length, not its vocabulary. The vision-text dual encoder is the embedded demo model (real weights) with its
+own tokenizer.
 
 Measured, in this order, per family (``time.perf_counter``, ``torch.no_grad``, eval mode, torch's default threads):
 
@@ -31,8 +32,14 @@ the run (machine, settings, command, wall time) is appended to the file's ``upda
 Usage::
 
     python scripts/measure_families.py --quick                       # tiny models, ~30 s
-    python scripts/measure_families.py --json docs/families_benchmark.json      # ~35 min on 2 idle cores
+    python scripts/measure_families.py --json docs/families_benchmark.json      # ~50 min on 2 idle cores
     python scripts/measure_families.py --families CLIPModel --repeats 1         # ~40 s
+    python scripts/measure_families.py --families FlavaModel,BlipForImageTextRetrieval,AlignModel,Siglip2Model \
+        --update docs/families_benchmark.json                                   # ~13 min
+
+Expected time per family at the default settings, on 2 idle cores: SigLIP and SigLIP 2 ~7 min each (text padded
+to 64 tokens), AltCLIP ~7 min, OWLv2 detection ~4 min, BLIP retrieval ~3 min, FLAVA ~2 min, ALIGN ~75 s
+(EfficientNet-B7 at 289 px: ~1.3 s per forward of 4 images), the others 1–3 min.
 """
 
 from __future__ import annotations
