@@ -35,7 +35,7 @@ import torch
 from hf_clip_forget.api import add_forget_adapter
 from hf_clip_forget.audit import audit_forgetting
 from hf_clip_forget.cli import cached_image_features, load_dual_encoder
-from hf_clip_forget.evaluation import ImageFeatures
+from hf_clip_forget.evaluation import ImageFeatures, evaluate_edit
 
 
 DATASETS = ("cifar10", "pacs", "caltech101")
@@ -69,9 +69,17 @@ def audit_one(model, tokenizer, features, forget, options, data=None, expand: in
         report = audit_forgetting(edited, tokenizer, candidate_classes=others,
                                   data=features if data is None else data, show_progress=False)  # fmt: skip
         seconds = time.perf_counter() - started
+        accuracy = evaluate_edit(edited, features if data is None else data, forget, tokenizer=tokenizer,
+                                 show_progress=False).to_dict()  # fmt: skip
     finally:
         edited.unload()
-    return [dict(row, forget=forget) for row in report.to_dict()["rows"]], seconds
+    zero_shot = {
+        "probe": "zero-shot accuracy (adapter templates)", "subject": "forget / retain",
+        "forget_before": accuracy["before"]["forget_accuracy"], "forget_after": accuracy["after"]["forget_accuracy"],
+        "retain_before": accuracy["before"]["retain_accuracy"], "retain_after": accuracy["after"]["retain_accuracy"],
+        "verdict": "accuracy",
+    }  # fmt: skip
+    return [*(dict(row, forget=forget) for row in report.to_dict()["rows"]), dict(zero_shot, forget=forget)], seconds
 
 
 def domain_images(features: ImageFeatures, domain: str) -> ImageFeatures:
@@ -83,7 +91,7 @@ def domain_images(features: ImageFeatures, domain: str) -> ImageFeatures:
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row["verdict"] != "skipped":
+        if row["verdict"] not in ("skipped", "accuracy"):
             key = (row["dataset"], row["method"], len(row["forget"]), row["probe"])
             groups.setdefault(key, []).append(row)
     summary = []
@@ -144,6 +152,11 @@ def main() -> None:
         verdicts = f"{s['leaks']} leaks, {s['reduced']} reduced, {s['gone']} gone"
         print(f"{s['dataset']:<18} {s['method']:<26} {s['classes']:>2} {s['probe']:<28} {s['before_mean']:>7.3f} "
               f"{s['after_mean']:>7.3f} {s['chance_mean']:>7.3f}  {verdicts}")  # fmt: skip
+    print(f"\n{'dataset':<18} {'method':<26} {'forget':>20} {'forget before→after':>22} {'retain before→after':>22}")
+    for row in (r for r in rows if r["verdict"] == "accuracy"):
+        print(f"{row['dataset']:<18} {row['method']:<26} {', '.join(row['forget'])[:20]:>20} "
+              f"{row['forget_before']:>10.3f} → {row['forget_after']:<9.3f} "
+              f"{row['retain_before']:>10.3f} → {row['retain_after']:<9.3f}")  # fmt: skip
     print(f"\naudit time with data: median {statistics.median(timings):.1f} s over {len(timings)} audits")
     if args.json:
         with open(args.json, "w") as handle:
