@@ -35,6 +35,23 @@ def fake_hub():
     return FAKE_HUB
 
 
+#: Test modules that set up the prompt cache themselves (through HF_HOME) to test it.
+CACHE_TESTS = ("test_prompt_cache", "test_cli_cache")
+
+
+@pytest.fixture(autouse=True)
+def empty_prompt_cache(request, tmp_path_factory, monkeypatch):
+    """Every test starts with an empty prompt-embedding cache (a folder of its own, nothing in memory), so that its
+    numbers never depend on which prompts earlier tests encoded, and in which batches (rounding-level differences)."""
+    from hf_clip_forget.core import prompt_cache
+
+    if request.module.__name__.rpartition(".")[2] in CACHE_TESTS:
+        return
+    folder = str(tmp_path_factory.mktemp("prompt-cache"))
+    monkeypatch.setattr(prompt_cache, "prompt_cache_dir", lambda: folder)
+    monkeypatch.setattr(prompt_cache, "_MEMORY", {})
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -90,3 +90,57 @@ def test_an_unreadable_cache_entry_is_an_error_naming_it(tmp_path, cache_home, c
     err = capsys.readouterr().err
     assert f"error: The cached image features {str(cache_home / entry)!r} cannot be read" in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------- the prompt cache and `cache`
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """A fresh HF_HOME for both caches (and an empty prompt memory cache): ``(prompts folder, features folder)``."""
+    from hf_clip_forget.core import prompt_cache
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
+    monkeypatch.setattr(prompt_cache, "_MEMORY", {})
+    monkeypatch.delenv(prompt_cache.PROMPT_CACHE_ENV, raising=False)
+    return home / "hf_clip_forget" / "prompts", home / "hf_clip_forget" / "features"
+
+
+def cached_files(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith(".safetensors")) if folder.exists() else []
+
+
+def test_cache_info_lists_both_caches_and_clear_empties_the_one_named(tmp_path, caches, capsys):
+    prompts, features = caches
+    model_dir, data = save_tiny_model(tmp_path / "model"), write_images(tmp_path / "test.parquet", num_images=6)
+    assert main(["cache", "info"]) == 0
+    assert capsys.readouterr().out.count("0 entries") == 2
+    assert (
+        main(["forget", model_dir, "--classes", "cat", "--templates", TEMPLATE, "--output", str(tmp_path / "a")]) == 0
+    )
+    model, _, processor = load_dual_encoder(model_dir)
+    cached_image_features(model, processor, data, "test")
+    capsys.readouterr()
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert f"prompt embeddings: {prompts}" in out and f"image features: {features}" in out
+    assert "1 entry, 2 prompts" in out  # "a photo of a cat." and the tokenizer check's probe prompt
+    assert len(cached_files(prompts)) == 1 and len(cached_files(features)) == 1
+    assert main(["cache", "clear", "--prompts"]) == 0
+    assert cached_files(prompts) == [] and len(cached_files(features)) == 1
+    assert main(["cache", "clear"]) == 0
+    assert cached_files(features) == []
+    assert "removed 1 entry of image features" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:  # one cache or both, as argparse's usage errors: status 2
+        main(["cache", "clear", "--prompts", "--features"])
+    assert usage.value.code == 2
+
+
+def test_no_prompt_cache_encodes_every_prompt_anew_in_any_command(tmp_path, caches):
+    prompts, _ = caches
+    model_dir = save_tiny_model(tmp_path / "model")
+    args = ["forget", model_dir, "--classes", "cat", "--templates", TEMPLATE, "--output"]
+    assert main(["--no-prompt-cache", *args, str(tmp_path / "a")]) == 0
+    assert cached_files(prompts) == []
+    assert main([*args, str(tmp_path / "b")]) == 0
+    assert len(cached_files(prompts)) == 1

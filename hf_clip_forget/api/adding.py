@@ -50,6 +50,7 @@ def add_forget_adapter(
     expand_neighbours: int = 0,
     batch_size: int = 256,
     show_progress: bool = True,
+    use_cache: bool = True,
 ) -> ForgetPeftModel:
     """Forget ``classes`` from a dual encoder's zero-shot recognition, with no data and no training.
 
@@ -109,6 +110,10 @@ def add_forget_adapter(
             class forgotten by name alone can come back under such a word (``docs/audit.md``).
         batch_size: prompts per text-tower batch (a positive integer).
         show_progress: show a progress bar while embedding prompts.
+        use_cache: take the prompts' embeddings from the prompt-embedding cache (in memory and under
+            ``$HF_HOME/hf_clip_forget/prompts``; ``hf_clip_forget.core.prompt_cache``), so that a repeated edit with
+            the same prompts does not run the text tower again; ``False`` encodes them anew (as does
+            ``HF_CLIP_FORGET_PROMPT_CACHE=0``).
 
     Returns:
         A :class:`ForgetPeftModel` (a ``peft.PeftModel``) wrapping ``model``; ``model`` itself is wrapped in place,
@@ -130,7 +135,9 @@ def add_forget_adapter(
         retain_prototypes=retain_prototypes, prototype_options=prototype_options, rank_tolerance=rank_tolerance,
         expand_neighbours=expand_neighbours,
     )  # fmt: skip
-    inputs = BuildInputs(tokenizer, image_processor, text_embeds, retain_text_embeds, batch_size, show_progress)
+    inputs = BuildInputs(
+        tokenizer, image_processor, text_embeds, retain_text_embeds, batch_size, show_progress, use_cache
+    )
     built = build_adapter(base, config, inputs)
     if holder is not None:
         _stack_adapter(holder, name, built)

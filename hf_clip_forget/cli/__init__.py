@@ -1,4 +1,5 @@
-"""Layer 5 — the ``hf-clip-forget`` command line: ``demo``, ``forget``, ``verify``, ``eval``, ``sweep`` and ``detect``.
+"""Layer 5 — the ``hf-clip-forget`` command line: ``demo``, ``forget``, ``verify``, ``audit``, ``eval``, ``sweep``,
+``detect`` and ``cache``.
 
 MODEL is a Hub id, a local directory, or ``demo`` (the embedded default, assembled offline from PyPI packages).
 
@@ -10,11 +11,16 @@ and keep their traceback.
 ``eval`` and ``sweep`` share the image embedding across the processes of a ``torchrun`` launch
 (``torchrun --standalone --nproc_per_node N -m hf_clip_forget.cli eval ...``); the main process alone prints and
 writes. ``forget``, ``detect`` and ``demo`` refuse to run on several processes.
+
+Every command takes its prompt embeddings from the prompt-embedding cache (``hf_clip_forget.core.prompt_cache``);
+the global ``--no-prompt-cache`` (or ``HF_CLIP_FORGET_PROMPT_CACHE=0``) encodes every prompt anew, and ``cache
+info`` / ``cache clear`` show and empty it and the image-feature cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -23,7 +29,9 @@ from collections.abc import Sequence
 import torch
 
 from ..api.verify import VERIFY_TOLERANCE
+from ..core.prompt_cache import prompt_cache_disabled
 from .audit import add_audit_parser
+from .cache import add_cache_parser
 from .commands import command_demo, command_eval, command_forget, command_sweep, command_verify
 from .detect import command_detect
 from .loading import CommandError, cached_image_features, load_adapter, load_data, load_dual_encoder, one_line
@@ -51,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also: HF_CLIP_FORGET_DEBUG=1)"
+    )
+    parser.add_argument(
+        "--no-prompt-cache",
+        action="store_true",
+        help="encode every prompt anew instead of reusing cached prompt embeddings (also: HF_CLIP_FORGET_PROMPT_CACHE=0)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -176,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="do not keep the direction shared with the data's other classes (see `forget --help`)",
             )
             sub.set_defaults(handler=command_sweep)
+    add_cache_parser(commands)
     return parser
 
 
@@ -216,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("HF_CLIP_FORGET_DEBUG", "") not in ("", "0")
     try:
-        with torch.no_grad():  # scoped: main() also runs in-process (tests, notebooks)
+        # scoped: main() also runs in-process (tests, notebooks)
+        with torch.no_grad(), prompt_cache_disabled() if args.no_prompt_cache else contextlib.nullcontext():
             return args.handler(args)
     except Exception as error:
         message = None if debug else _error_message(error)

@@ -1,7 +1,8 @@
 """Text embeddings of class names, computed with the dual encoder's own text tower.
 
 The model is used only through its family's text embedding function (:mod:`.joint_embeddings`:
-``get_text_features`` for most families), so this module does not depend on peft.
+``get_text_features`` for most families), so this module does not depend on peft. Every prompt is encoded by
+:func:`encode_prompts`, through the prompt-embedding cache (:mod:`.prompt_cache`) unless ``use_cache=False``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..families import find_family
 from .joint_embeddings import embedding_function
+from .prompt_cache import cached_embeddings, prompt_cache_enabled, tokenizer_key
 from .subspace import normalize_rows
 from .templates import fill_templates
+from .text_path import edits_bypassed, text_path, text_path_fingerprint, text_path_in_training, text_side_edits
 
 
 @dataclass(frozen=True)
@@ -76,37 +79,120 @@ def _max_text_length(model, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
-@torch.no_grad()
-def encode_prompts(
-    model, tokenizer, prompts: Sequence[str], batch_size: int = 256, show_progress: bool = True
-) -> Tensor:
-    """Projected text features (unnormalised, ``(len(prompts), d)``, float32) of ``prompts``, in batches.
-
-    Raises a ``ValueError`` when the tokenizer does not fit the model's text tower.
-    """
-    check_tokenizer_fits(model, tokenizer)
-    device = next(model.parameters()).device
-    text_features = embedding_function(model, "text")
-    max_length = _max_text_length(model, tokenizer)
+def _padding(model):
+    """How prompts are padded for ``model``'s text tower: ``True`` (to the longest prompt of each batch) or the
+    family's ``"max_length"``, as its text tower was trained."""
     family = find_family(model)
-    # "longest" (pad each batch to its longest prompt) or "max_length", as the family's text tower was trained
-    padding = True if family is None or family.text_padding == "longest" else family.text_padding
-    vocab_size = getattr(getattr(model.config, "text_config", None), "vocab_size", None)
+    return True if family is None or family.text_padding == "longest" else family.text_padding
+
+
+@dataclass(frozen=True)
+class _Tokenization:
+    """``tokenize(prompts) -> inputs`` on the model's device, as every encoding tokenises: one place, so that the
+    cache key records the padding settings actually used."""
+
+    tokenizer: object
+    padding: bool | str
+    max_length: int | None
+    vocab_size: int | None
+    device: torch.device
+
+    @classmethod
+    def of(cls, model, tokenizer) -> _Tokenization:
+        vocab_size = getattr(getattr(model.config, "text_config", None), "vocab_size", None)
+        device = next(model.parameters()).device
+        return cls(tokenizer, _padding(model), _max_text_length(model, tokenizer), vocab_size, device)
+
+    @property
+    def settings(self) -> dict:
+        return {"padding": self.padding, "max_length": self.max_length, "truncation": self.max_length is not None}
+
+    def __call__(self, batch: list[str]) -> dict:
+        inputs = self.tokenizer(
+            batch,
+            padding=self.padding,
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        if self.vocab_size is not None and int(inputs["input_ids"].max()) >= self.vocab_size:
+            raise ValueError(
+                f"The tokenizer produced token id {int(inputs['input_ids'].max())}, but the model's text tower embeds "
+                f"only {self.vocab_size} tokens: use the tokenizer that belongs to this model."
+            )
+        return {key: value.to(self.device) for key, value in inputs.items()}
+
+
+def _encode(model, tokenize: _Tokenization, prompts: Sequence[str], batch_size: int, show_progress: bool) -> Tensor:
+    """The text side's outputs for ``prompts`` as ``model`` is now (float32, CPU), in batches."""
+    text_features = embedding_function(model, "text")
     batches = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="Encoding prompts", disable=not show_progress or len(starts) < 2, leave=False):
-        batch = list(prompts[start : start + batch_size])
-        inputs = tokenizer(
-            batch, padding=padding, truncation=max_length is not None, max_length=max_length, return_tensors="pt"
-        )
-        if vocab_size is not None and int(inputs["input_ids"].max()) >= vocab_size:
-            raise ValueError(
-                f"The tokenizer produced token id {int(inputs['input_ids'].max())}, but the model's text tower embeds "
-                f"only {vocab_size} tokens: use the tokenizer that belongs to this model."
-            )
-        inputs = {key: value.to(device) for key, value in inputs.items()}
-        batches.append(text_features(**inputs).float().cpu())
+        batches.append(text_features(**tokenize(list(prompts[start : start + batch_size]))).float().cpu())
     return torch.cat(batches)
+
+
+@torch.no_grad()
+def encode_prompts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    batch_size: int = 256,
+    show_progress: bool = True,
+    use_cache: bool = True,
+) -> Tensor:
+    """Projected text features (unnormalised, ``(len(prompts), d)``, float32) of ``prompts``, in batches, as
+    ``model`` computes them now (its active text-side forget edits included).
+
+    With ``use_cache`` (and unless ``HF_CLIP_FORGET_PROMPT_CACHE=0``), the *unedited* embeddings come from the
+    prompt cache (:mod:`.prompt_cache`), or are computed with every forget edit bypassed and stored there, and the
+    current text-side edit is applied to them: the same embeddings up to rounding, without running the text
+    tower on prompts it has seen. Raises a ``ValueError`` when the tokenizer does not fit the model's text tower.
+    """
+    check_tokenizer_fits(model, tokenizer)
+    tokenize = _Tokenization.of(model, tokenizer)
+    prompts = list(prompts)
+    if prompts and prompt_cache_enabled(use_cache):
+        cached = _encode_through_cache(model, tokenizer, tokenize, prompts, batch_size, show_progress)
+        if cached is not None:
+            return cached
+    return _encode(model, tokenize, prompts, batch_size, show_progress)
+
+
+def _encode_through_cache(model, tokenizer, tokenize, prompts, batch_size, show_progress) -> Tensor | None:
+    """The unedited embeddings from the cache with the current text-side edit applied, or ``None`` when they
+    cannot be keyed (see :mod:`.prompt_cache`: then the caller encodes directly)."""
+    tokenizer_id = tokenizer_key(tokenizer)
+    if tokenizer_id is None:
+        return None
+    path = text_path(model, tokenize)
+    edits = text_side_edits(model)
+    if text_path_in_training(model, path) or (edits and path.after_layer is None):  # dropout, batch statistics
+        return None
+    fingerprint = text_path_fingerprint(model, path)
+    if fingerprint is None:
+        return None
+    parts = {"text_path": fingerprint, "tokenizer": tokenizer_id, "device": tokenize.device.type, **tokenize.settings}
+
+    def compute(missing: list[str]) -> Tensor:
+        with edits_bypassed(model):
+            return _encode(model, tokenize, missing, batch_size, show_progress)
+
+    embeddings = cached_embeddings(parts, prompts, compute)
+    if not edits:
+        return embeddings
+    for edit in edits:
+        embeddings = edit.apply(embeddings.to(edit.left.dtype))
+    if path.after_layer == "normalize":
+        embeddings = nn.functional.normalize(embeddings, dim=-1)
+    return embeddings.to(_text_dtype(model)).float()
+
+
+def _text_dtype(model) -> torch.dtype:
+    """The dtype the text side computes in (its first floating parameter's): an edited embedding is rounded to it,
+    as the edited layer's output is."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def class_text_embeddings(
@@ -117,10 +203,12 @@ def class_text_embeddings(
     average: bool = True,
     batch_size: int = 256,
     show_progress: bool = True,
+    use_cache: bool = True,
 ) -> ClassTextEmbeddings:
-    """Embed every class name with every template and L2-normalise (see :class:`ClassTextEmbeddings`)."""
+    """Embed every class name with every template and L2-normalise (see :class:`ClassTextEmbeddings`; ``use_cache``:
+    see :func:`encode_prompts`)."""
     prompts = [prompt for name in classes for prompt in fill_templates(name, templates)]
-    features = normalize_rows(encode_prompts(model, tokenizer, prompts, batch_size, show_progress))
+    features = normalize_rows(encode_prompts(model, tokenizer, prompts, batch_size, show_progress, use_cache))
     per_class = features.reshape(len(classes), len(templates), -1)
     if average:
         return ClassTextEmbeddings(normalize_rows(per_class.mean(dim=1)), tuple(classes), True)

@@ -5,6 +5,7 @@ be detected is refused, and what can only be suspected (a class name the vocabul
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -70,17 +71,35 @@ def _check_against_checkpoint_tokenizer(model, tokenizer) -> None:
         )
 
 
+#: Checkpoint tokenizers loaded in this process, by source and the state of its tokenizer files: loading one takes
+#: longer than a warm edit (issue 13), and a repeated edit must not pay it again.
+_CHECKPOINT_TOKENIZERS: dict[tuple, object] = {}
+
+
+def _tokenizer_files_state(source: str) -> tuple:
+    """``(name, size, mtime)`` of the tokenizer files of a local checkpoint directory (empty for a Hub id), so that a
+    tokenizer saved again at the same path is loaded again."""
+    if not os.path.isdir(source):
+        return ()
+    names = sorted(n for n in os.listdir(source) if n.startswith(("tokenizer", "vocab", "merges", "special_tokens")))
+    return tuple((n, os.stat(os.path.join(source, n)).st_size, os.stat(os.path.join(source, n)).st_mtime_ns)
+                 for n in names)  # fmt: skip
+
+
 def _checkpoint_tokenizer(model):
     """The tokenizer saved with the model's checkpoint if it can be loaded without a download, else ``None``."""
     source = getattr(model, "name_or_path", None)
     if not source:
         return None
-    from transformers import AutoTokenizer
+    key = (source, _tokenizer_files_state(source))
+    if key not in _CHECKPOINT_TOKENIZERS:
+        from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except Exception:  # noqa: BLE001 - no local tokenizer: nothing to compare with
-        return None
+        try:
+            _CHECKPOINT_TOKENIZERS[key] = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except Exception:  # noqa: BLE001 - no local tokenizer: nothing to compare with
+            _CHECKPOINT_TOKENIZERS[key] = None
+    return _CHECKPOINT_TOKENIZERS[key]
 
 
 def warn_about_poorly_tokenized_classes(tokenizer, classes: Sequence[str], templates: Sequence[str]) -> None:

@@ -53,12 +53,14 @@ def class_embeddings(
     templates: str | Sequence[str] | None = None,
     batch_size: int = 256,
     show_progress: bool = True,
+    use_cache: bool = True,
 ) -> Tensor:
     """L2-normalised, template-averaged text embeddings ``(len(class_names), d)`` (float32, CPU) of the classes,
-    computed with ``model`` as it is now (an adapter on ``text_projection`` changes them)."""
+    computed with ``model`` as it is now (an adapter on ``text_projection`` changes them); ``use_cache``: take the
+    unedited prompt embeddings from the prompt-embedding cache (``hf_clip_forget.core.prompt_cache``)."""
     names = validate_class_names(class_names, "class_names")
     return class_text_embeddings(
-        model, tokenizer, names, resolve_templates(templates), True, batch_size, show_progress
+        model, tokenizer, names, resolve_templates(templates), True, batch_size, show_progress, use_cache
     ).embeddings.float()
 
 
@@ -130,11 +132,12 @@ def _classify(
     text_batch_size: int,
     show_progress: bool,
     metric,
+    use_cache: bool = True,
 ) -> ZeroShotReport:
     """Classify the cached images with ``model`` as it is now (its edits active or bypassed) and score them."""
     model = model.get_base_model() if holds_forget_adapters(model) else model  # the adapters live inside it
     unique = list(dict.fromkeys(prompt_names))  # classes may share a prompt name (``class_prompts``)
-    text = class_embeddings(model, tokenizer, unique, templates, text_batch_size, show_progress)
+    text = class_embeddings(model, tokenizer, unique, templates, text_batch_size, show_progress, use_cache)
     text = text[[unique.index(name) for name in prompt_names]]
     logits = zero_shot_logits(project_image_features(model, features), text)
     return score_predictions(logits.argmax(dim=-1), features, forget_classes, metric)
@@ -157,6 +160,7 @@ def evaluate_zero_shot(
     domain_column: str | None = AUTO,
     accelerator=None,
     show_progress: bool = True,
+    use_cache: bool = True,
 ) -> ZeroShotReport:
     """Zero-shot accuracy of ``model`` as it is (adapters active) on a labelled image set.
 
@@ -175,6 +179,8 @@ def evaluate_zero_shot(
         batch_size, num_workers, image_column, label_column, domain_column, accelerator, show_progress: see
             :func:`embed_images`.
         text_batch_size: prompts per text-tower batch.
+        use_cache: take the class prompts' unedited embeddings from the prompt-embedding cache
+            (``hf_clip_forget.core.prompt_cache``); ``False`` encodes them anew.
     """
     features = _image_features(
         model,
@@ -196,7 +202,9 @@ def evaluate_zero_shot(
     prompts = _prompt_names(features.class_names, class_prompts)
     templates = resolve_templates(templates)
     metric = load_forgetting_metric()
-    return _classify(model, tokenizer, features, forget, prompts, templates, text_batch_size, show_progress, metric)
+    return _classify(
+        model, tokenizer, features, forget, prompts, templates, text_batch_size, show_progress, metric, use_cache
+    )
 
 
 def _default_forget_classes(model: nn.Module, class_names: Sequence[str], class_prompts) -> list[str]:
@@ -235,6 +243,7 @@ def evaluate_edit(
     domain_column: str | None = AUTO,
     accelerator=None,
     show_progress: bool = True,
+    use_cache: bool = True,
 ) -> ForgettingReport:
     """Zero-shot accuracies before and after a forget edit, in one call that embeds the images only once.
 
@@ -251,7 +260,7 @@ def evaluate_edit(
             (each must be a class of the dataset, by name or through ``class_prompts``).
         reference_model: the unedited model, when ``model`` is not a forget ``PeftModel``.
         tokenizer, image_processor, templates, class_prompts, batch_size, text_batch_size, num_workers,
-            image_column, label_column, domain_column, accelerator, show_progress: as in
+            image_column, label_column, domain_column, accelerator, show_progress, use_cache: as in
             :func:`evaluate_zero_shot`.
 
     Returns:
@@ -296,7 +305,7 @@ def evaluate_edit(
 
     def classify(target: nn.Module) -> ZeroShotReport:
         return _classify(
-            target, tokenizer, features, forget, prompts, templates, text_batch_size, show_progress, metric
+            target, tokenizer, features, forget, prompts, templates, text_batch_size, show_progress, metric, use_cache
         )
 
     if reference_model is not None:

@@ -31,6 +31,7 @@ from ...core import (
 )
 from ...core import domain_templates as templates_of_domain
 from ...core.fingerprint import fingerprint_weight
+from ...core.prompt_cache import prompt_cache_disabled
 from ...core.tokenizer_checks import check_tokenizer_matches_model, warn_about_poorly_tokenized_classes
 from ...families import family_of
 from .config import ProjectionEditConfig
@@ -54,6 +55,8 @@ class BuildInputs:
         retain_text_embeds: ``(r, d)`` embeddings to keep instead of embedding ``retain_classes``.
         batch_size: prompts per text-tower batch.
         show_progress: progress bars while embedding prompts and synthesising prototypes.
+        use_cache: take prompt embeddings from the prompt-embedding cache (``hf_clip_forget.core.prompt_cache``);
+            ``False`` encodes every prompt of the build (neighbour search and tokenizer checks included) anew.
     """
 
     tokenizer: Any = None
@@ -62,6 +65,7 @@ class BuildInputs:
     retain_text_embeds: Tensor | None = None
     batch_size: int = 256
     show_progress: bool = True
+    use_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,12 @@ def build_adapter(model: nn.Module, config: ProjectionEditConfig, inputs: BuildI
     family_of(model)
     modules = target_projections(model, config)
     _check_request(config, inputs)
+    with contextlib.nullcontext() if inputs.use_cache else prompt_cache_disabled():
+        return _build(model, config, inputs, modules)
+
+
+def _build(model: nn.Module, config: ProjectionEditConfig, inputs: BuildInputs, modules) -> BuiltAdapter:
+    """:func:`build_adapter` once the request is checked (and the prompt cache bypassed if asked)."""
     tokenizer = None
     if _needs_text_tower(model, config, inputs, modules):
         tokenizer = resolve_tokenizer(model, inputs.tokenizer)
