@@ -147,3 +147,26 @@ def test_a_skipped_row_has_no_numbers():
     assert row.before is None and row.after is None and row.verdict == "skipped"
     with pytest.raises(ValueError, match="verdict"):
         AuditRow("p", "dog", "", "", 1.0, 0.0, 0.5, "maybe")
+
+
+def test_the_audit_uses_the_prompt_cache_unless_told_not_to(edited, audit_tokenizer):
+    import os
+
+    from hf_clip_forget.core import prompt_cache
+
+    def entries() -> list[str]:
+        folder = prompt_cache.prompt_cache_dir()
+        return [n for n in os.listdir(folder) if n.endswith(".safetensors")] if os.path.isdir(folder) else []
+
+    built = entries()  # building the adapter cached its own prompts
+    uncached = audit_forgetting(edited, audit_tokenizer, vocabulary_neighbours=0, show_progress=False,
+                                use_cache=False)  # fmt: skip
+    assert entries() == built
+    prompt_cache.clear_prompt_cache()
+    cached = audit_forgetting(edited, audit_tokenizer, vocabulary_neighbours=0, show_progress=False)
+    assert entries()
+
+    def numbers(report) -> list[float]:
+        return [value for row in report.rows for value in (row.before, row.after) if value is not None]
+
+    assert numbers(cached) == pytest.approx(numbers(uncached), abs=1e-5)

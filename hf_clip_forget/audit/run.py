@@ -37,6 +37,7 @@ def audit_forgetting(
     batch_size: int = 64,
     text_batch_size: int = 256,
     show_progress: bool = True,
+    use_cache: bool = True,
 ) -> AuditReport:
     """Probe whether the classes a forget adapter removed can be recovered, before and after the edit.
 
@@ -62,6 +63,8 @@ def audit_forgetting(
         data: a labelled image set (``datasets.Dataset``) or its cached :class:`ImageFeatures`.
         image_processor, class_prompts, batch_size, text_batch_size, show_progress: as in
             :func:`hf_clip_forget.evaluation.evaluate_edit`.
+        use_cache: take prompt embeddings from the prompt-embedding cache (``hf_clip_forget.core.prompt_cache``);
+            ``False`` encodes every prompt anew.
 
     Returns:
         an :class:`AuditReport` (``print`` it, ``.to_dict()``, ``.save(path)``, ``.plot(path)``).
@@ -75,7 +78,7 @@ def audit_forgetting(
     if vocabulary_neighbours and vocabulary is not None and not list(vocabulary):
         raise ValueError("`vocabulary` is empty: pass words to search, or `vocabulary_neighbours=0`.")
     tokenizer = resolve_tokenizer(model.get_base_model(), tokenizer)
-    space = EmbeddingSpace(model, tokenizer, setup.adapters, text_batch_size, show_progress)
+    space = EmbeddingSpace(model, tokenizer, setup.adapters, text_batch_size, show_progress, use_cache)
     images = None
     if data is not None:
         images = _embedded_images(model, data, image_processor, class_prompts, batch_size, show_progress)

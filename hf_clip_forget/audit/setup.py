@@ -97,13 +97,22 @@ class EmbeddingSpace:
     proxy"); the image-side edit, applied to it, gives what the edited image side would make of such an image.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, adapters: Sequence[str], batch_size: int, show_progress: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        adapters: Sequence[str],
+        batch_size: int,
+        show_progress: bool,
+        use_cache: bool = True,
+    ):
         self.model = model
         self.base = model.get_base_model()
         self.tokenizer = tokenizer
         self.adapters = list(adapters)
         self.batch_size = batch_size
         self.show_progress = show_progress
+        self.use_cache = use_cache
         self._memo: dict[tuple[str, bool], Tensor] = {}
         self.edits_text = any(
             not layer.image_side and any(name in layer.projection_edit_settings for name in self.adapters)
@@ -117,13 +126,18 @@ class EmbeddingSpace:
         missing = list(dict.fromkeys(p for p in prompts if (p, edited) not in self._memo))
         if missing:
             if edited:
-                encoded = encode_prompts(self.base, self.tokenizer, missing, self.batch_size, self.show_progress)
+                encoded = self._encode(missing)
             else:
                 with self.model.base_model.edits_bypassed():
-                    encoded = encode_prompts(self.base, self.tokenizer, missing, self.batch_size, self.show_progress)
+                    encoded = self._encode(missing)
             for prompt, vector in zip(missing, normalize_rows(encoded.float()), strict=True):
                 self._memo[(prompt, edited)] = vector
         return torch.stack([self._memo[(p, edited)] for p in prompts])
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        return encode_prompts(
+            self.base, self.tokenizer, prompts, self.batch_size, self.show_progress, use_cache=self.use_cache
+        )
 
     def classes(self, names: Sequence[str], templates: Sequence[str], edited: bool) -> Tensor:
         """Template-averaged, normalised class embeddings ``(len(names), d)``, as zero-shot classification uses."""
