@@ -211,7 +211,7 @@ def test_use_cache_false_the_environment_variable_and_the_context_bypass_it(cach
     for _ in range(2):
         with text_rows(model) as rows:
             encode(model, tokenizer, use_cache=False)
-        assert rows == [len(PROMPTS)]
+        assert rows == [UNIQUE]
         with text_rows(model) as rows:
             class_embeddings(
                 model, tokenizer, ["cat", "dog"], ["a photo of a {}."], show_progress=False, use_cache=False
@@ -219,11 +219,11 @@ def test_use_cache_false_the_environment_variable_and_the_context_bypass_it(cach
         assert rows == [2]
         with prompt_cache_disabled(), text_rows(model) as rows:
             encode(model, tokenizer)
-        assert rows == [len(PROMPTS)]
+        assert rows == [UNIQUE]
     monkeypatch.setenv(PROMPT_CACHE_ENV, "0")
     with text_rows(model) as rows:
         encode(model, tokenizer)
-    assert rows == [len(PROMPTS)] and entries(cache_dir) == []
+    assert rows == [UNIQUE] and entries(cache_dir) == []
     monkeypatch.setenv(PROMPT_CACHE_ENV, "sometimes")
     with pytest.raises(ValueError, match=f"{PROMPT_CACHE_ENV}='sometimes' is not understood"):
         encode(model, tokenizer)
@@ -234,7 +234,7 @@ def test_a_model_in_training_mode_is_encoded_without_the_cache(cache_dir, tokeni
     for _ in range(2):
         with text_rows(model) as rows:
             encode(model, tokenizer)
-        assert rows[-1] == len(PROMPTS)  # every prompt, each time (after the probe, the first time)
+        assert rows[-1] == UNIQUE  # every prompt, each time (after the probe, the first time)
     assert entries(cache_dir) == []
 
 

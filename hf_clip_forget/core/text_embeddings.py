@@ -107,6 +107,11 @@ class _Tokenization:
     def settings(self) -> dict:
         return {"padding": self.padding, "max_length": self.max_length, "truncation": self.max_length is not None}
 
+    def lengths(self, prompts: list[str]) -> list[int]:
+        """The number of tokens of each prompt (after truncation), without padding."""
+        encoded = self.tokenizer(prompts, padding=False, truncation=self.max_length is not None, max_length=self.max_length)
+        return [len(ids) for ids in encoded["input_ids"]]
+
     def __call__(self, batch: list[str]) -> dict:
         inputs = self.tokenizer(
             batch,
@@ -123,14 +128,36 @@ class _Tokenization:
         return {key: value.to(self.device) for key, value in inputs.items()}
 
 
+def _length_sorted_batches(tokenize: _Tokenization, prompts: list[str], batch_size: int) -> list[list[int]]:
+    """Indices of ``prompts`` cut into batches of similar token length (shortest first), so that padding to the
+    longest prompt of a batch pads little. With fixed-length padding (SigLIP's ``"max_length"``) order is kept."""
+    order = list(range(len(prompts)))
+    if tokenize.padding is True and len(prompts) > batch_size:
+        lengths = tokenize.lengths(prompts)
+        order.sort(key=lengths.__getitem__)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def _encode(model, tokenize: _Tokenization, prompts: Sequence[str], batch_size: int, show_progress: bool) -> Tensor:
-    """The text side's outputs for ``prompts`` as ``model`` is now (float32, CPU), in batches."""
+    """The text side's outputs for ``prompts`` as ``model`` is now (float32, CPU).
+
+    Each distinct prompt is encoded once, in batches of similar token length (less padding to compute), under
+    ``torch.inference_mode``; the rows are returned in the order of ``prompts`` as ordinary tensors.
+    """
     text_features = embedding_function(model, "text")
-    batches = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="Encoding prompts", disable=not show_progress or len(starts) < 2, leave=False):
-        batches.append(text_features(**tokenize(list(prompts[start : start + batch_size]))).float().cpu())
-    return torch.cat(batches)
+    unique = list(dict.fromkeys(prompts))
+    batches = _length_sorted_batches(tokenize, unique, batch_size)
+    rows: list[Tensor | None] = [None] * len(unique)
+    progress = tqdm(batches, desc="Encoding prompts", disable=not show_progress or len(batches) < 2, leave=False)
+    for batch in progress:
+        with torch.inference_mode():
+            output = text_features(**tokenize([unique[i] for i in batch])).float().cpu()
+        for row, index in zip(output.clone(), batch, strict=True):  # clone: a normal tensor, usable with autograd
+            rows[index] = row
+    if not rows:
+        return torch.empty(0)
+    position = {prompt: i for i, prompt in enumerate(unique)}
+    return torch.stack([rows[position[prompt]] for prompt in prompts])
 
 
 @torch.no_grad()
