@@ -14,6 +14,7 @@ tests. Layer 1: imports nothing from this package, and transformers only by clas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -71,8 +72,13 @@ class DualEncoderFamily:
             largest token id instead (CLIP's legacy branch), so that id need not be emitted.
         text_padding: how prompts are padded for the text tower (``"longest"``; ``"max_length"`` where the model
             was trained on fixed-length text).
-        default_templates: the prompt templates class names are embedded with when none are given (a built-in
-            set of ``hf_clip_forget.core.TEMPLATE_SETS``: photo templates for image models).
+        default_templates: the prompt templates class names are embedded with when none are given for a
+            text-side edit, and the family's prompt style (a built-in set of ``hf_clip_forget.core.TEMPLATE_SETS``:
+            the 80-template ensemble for image models, sound templates for CLAP).
+        image_side_templates: the templates of an image-side edit when none are given. One template
+            (``"single"``) for image models: measured on real images, an image-side edit built from it forgets
+            and keeps as well as one built from 7, 18 or 80 (within 0.5 points; ``docs/templates.md``); on the text
+            side no smaller set matched the 80-template ensemble, which stays the text-side default.
         inputs: what the non-text side takes: ``"image"`` (``pixel_values``, from an image processor) or
             ``"audio"`` (``input_features``, from a feature extractor), so that callers load the right
             preprocessor and refuse image-only work (visual prototypes, the image-classification harness).
@@ -94,6 +100,7 @@ class DualEncoderFamily:
     legacy_eos_id_reads_largest_id: bool = False
     text_padding: str = "longest"
     default_templates: str = "imagenet"
+    image_side_templates: str = "single"
     inputs: str = "image"
     detector: bool = False
     patch_inputs: bool = False
@@ -126,6 +133,13 @@ class DualEncoderFamily:
         if target not in ("visual", "text"):
             raise ValueError(f"`target` must be 'visual' or 'text', got {target!r}.")
         return self.image if target == "visual" else self.text
+
+    def templates_for(self, target_modules: str | Sequence[str]) -> str:
+        """The built-in template set an edit of ``target_modules`` (``"visual"``, ``"text"``, or module names)
+        uses when none are given: :attr:`image_side_templates` unless a text-side layer is edited."""
+        modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        text_side = any(module == "text" or self.is_text_side(module) for module in modules)
+        return self.default_templates if text_side else self.image_side_templates
 
     def side_of_module(self, module_name: str) -> EmbeddingSide:
         """The :class:`EmbeddingSide` that a full module name (possibly prefixed) belongs to."""
@@ -193,6 +207,7 @@ FAMILIES: tuple[DualEncoderFamily, ...] = (
         image=EmbeddingSide("audio_projection.linear2", "get_audio_features"),
         text=EmbeddingSide("text_projection.linear2", "get_text_features"),
         default_templates="sound",
+        image_side_templates="sound",
         inputs="audio",
     ),
     # the last Linear (with bias) of Sequential(Linear, BatchNorm1d, ReLU, Linear)

@@ -14,6 +14,9 @@ is at most 0.5 points above, and whose mean retain accuracy is at most 0.5 point
 (dataset, method); PACS per domain is reported beside it.
 
     python scripts/measure_templates.py --data-dir ../shared/data --json docs/templates.json --plot docs/templates.png
+    python scripts/measure_templates.py --data-dir ../shared/data --target text --json docs/templates_text.json
+
+(``--target text``: the same edits on the text side, judged with the class embeddings the edited model computes.)
 
 Image features are cached (``$HF_HOME/hf_clip_forget/features``); the train samples take ~5 min to embed once.
 """
@@ -85,14 +88,16 @@ def evaluate(model, features, text, forget):
     return score_predictions(logits.argmax(dim=-1), features, forget)
 
 
-def measure(model, tokenizer, features, text, forget, method, templates) -> dict:
+def measure(model, tokenizer, features, text, forget, method, templates, target="visual") -> dict:
     retain = [name for name in features.class_names if name not in forget]
     started = time.perf_counter()
     edited = add_forget_adapter(
-        model, forget, tokenizer, retain_classes=retain, method=method, templates=templates,
+        model, forget, tokenizer, retain_classes=retain, method=method, templates=templates, target=target,
         adapter_name="measured", show_progress=False,
     )  # fmt: skip
     seconds = time.perf_counter() - started
+    if target == "text":  # the classifier's class embeddings are what a text-side edit changes
+        text = class_embeddings(edited, tokenizer, features.class_names, show_progress=False)
     after = evaluate(edited, features, text, forget)
     edited.unload()
     return {
@@ -187,6 +192,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--select-images", type=int, default=2000, help="train images sampled per dataset")
+    parser.add_argument("--target", default="visual", choices=("visual", "text"), help="the side the edits act on")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
@@ -203,7 +209,7 @@ def main() -> None:
             for forget in forget_sets(list(features.class_names), args.draws, args.seed):
                 for method in METHODS:
                     for templates in SETS:
-                        row = measure(model, tokenizer, features, text, forget, method, templates)
+                        row = measure(model, tokenizer, features, text, forget, method, templates, args.target)
                         rows.append({"dataset": name, "split": split, **row})
     summary = summarise(rows)
     chosen, verdicts = choose(summary, "train")
@@ -225,7 +231,7 @@ def main() -> None:
         for row in rows:
             row.pop("per_domain_class_after")
         with open(args.json, "w") as handle:
-            json.dump({"chosen": chosen, "tolerance": TOLERANCE, "verdicts_train": verdicts,
+            json.dump({"target": args.target, "chosen": chosen, "tolerance": TOLERANCE, "verdicts_train": verdicts,
                        "verdicts_test": test_verdict, "summary": summary, "rows": rows}, handle, indent=2)  # fmt: skip
 
 

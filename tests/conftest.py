@@ -21,7 +21,8 @@ os.environ.pop("TRANSFORMERS_OFFLINE", None)
 import torch  # noqa: E402
 
 import hf_clip_forget  # noqa: E402, F401  (registers the peft method and the model methods)
-from hf_clip_forget.core import IMAGENET_TEMPLATES, class_text_embeddings  # noqa: E402
+from hf_clip_forget.core import class_text_embeddings, resolve_templates  # noqa: E402
+from hf_clip_forget.families import family_of  # noqa: E402
 from hf_clip_forget.testing_utils import random_pixels, tiny_clip, tiny_dual_encoder, tiny_tokenizer  # noqa: E402
 
 
@@ -85,8 +86,12 @@ def text_features(model, tokenizer, texts) -> torch.Tensor:
         )
 
 
-def class_embeddings(model, tokenizer, classes, templates=IMAGENET_TEMPLATES) -> torch.Tensor:
-    """Normalised, template-averaged class embeddings (float32) of an *unedited* model."""
+def class_embeddings(model, tokenizer, classes, templates=None, target="visual") -> torch.Tensor:
+    """Normalised, template-averaged class embeddings (float32) of an *unedited* model, with ``templates`` or the
+    ones an edit of ``target`` uses by default (the family's: one template for the image side, 80 for the text)."""
+    if templates is None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        templates = resolve_templates(family_of(base).templates_for(target))
     return class_text_embeddings(model, tokenizer, classes, templates, show_progress=False).embeddings.float()
 
 

@@ -33,7 +33,8 @@ def test_add_forget_adapter_returns_a_peft_model_with_no_trainable_parameters(ma
     assert not isinstance(model.base_model.model.text_projection, ProjectionEditLayer)
     config = model.peft_config["default"]
     assert isinstance(config, ProjectionEditConfig)
-    assert config.forgotten_classes == FORGET and config.method == "nullspace" and len(config.templates) == 80
+    assert config.forgotten_classes == FORGET and config.method == "nullspace"
+    assert config.templates == ["a photo of a {}."]  # image side: one template by default (docs/templates.md)
     buffers = {name: b for name, b in model.named_buffers() if "projection_edit_forget" in name}
     assert [b.dtype for b in buffers.values()] == [torch.float32] and list(buffers.values())[0].shape == (16, 2)
 
@@ -367,3 +368,16 @@ def test_casting_the_model_keeps_the_factors_in_float32(tokenizer, pixels):
     torch.testing.assert_close(factors[0].T @ factors[0], torch.eye(2), atol=1e-6, rtol=0)
     # the edit itself stays exact; what is left is the bf16 rounding of the output (~1e-2 relative)
     assert max_abs_cos(image_features(model, pixels.to(torch.bfloat16)), directions) <= 2e-2
+
+
+def test_the_default_templates_are_one_for_the_image_side_and_the_80_template_ensemble_for_the_text_side(
+    make_model, tokenizer
+):
+    from hf_clip_forget.core import IMAGENET_TEMPLATES
+
+    image_side = forget(make_model(), tokenizer).peft_config["default"]
+    text_side = forget(make_model(), tokenizer, target="text").peft_config["default"]
+    chosen = forget(make_model(), tokenizer, templates="imagenet_selected").peft_config["default"]
+    assert image_side.templates == ["a photo of a {}."]
+    assert text_side.templates == list(IMAGENET_TEMPLATES)
+    assert len(chosen.templates) == 7 and set(chosen.templates) <= set(IMAGENET_TEMPLATES)
