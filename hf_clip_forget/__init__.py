@@ -16,7 +16,8 @@ The package is layered; each layer imports only from the ones above it in this l
 3. ``api/``      — the user API: ``add_forget_adapter``, ``ForgetPeftModel``, ``verify_forget_adapter``;
 4. ``hub/``      — model cards and ``push_to_hub`` (plugs into ``ForgetPeftModel``); ``evaluation/`` — the
    zero-shot harness and detection counts (imported on demand: it loads ``evaluate``); ``audit/`` — probes that try
-   to get a forgotten class back (``audit_forgetting``, also ``ForgetPeftModel.audit_forgetting``);
+   to get a forgotten class back (``audit_forgetting``, also ``ForgetPeftModel.audit_forgetting``); ``calibration/``
+   — the edit's strength chosen on a labelled validation set for a budget (``calibrate_forget_adapter``);
 5. ``cli/``      — the ``hf-clip-forget`` command.
 
 ``models/`` sits beside ``core/``: transformers-native towers and the embedded demo dual encoder.
@@ -30,6 +31,7 @@ from .api import ForgetPeftModel, VerificationReport, add_forget_adapter, instal
 from .core import DOMAIN_TEMPLATES, IMAGENET_TEMPLATES, SINGLE_TEMPLATE, LowRankEdit, synthesize_prototypes
 from .hub import ForgetEvaluation, HubUploadError, push_to_hub
 from .tuners import ProjectionEditConfig, ProjectionEditModel
+from .tuners.projection_edit.estimate import WeakEditWarning
 
 
 install_model_methods()
@@ -44,6 +46,16 @@ def audit_forgetting(model, tokenizer=None, **options):
 
 ForgetPeftModel.auditor = staticmethod(audit_forgetting)
 
+
+def calibrate_forget_adapter(model, classes, tokenizer=None, **options):
+    """See :func:`hf_clip_forget.calibration.calibrate_forget_adapter` (imported on first use: it loads the evaluation
+    layer). Returns ``(model, report)``: the model with the adapter at the chosen strength, and the
+    :class:`~hf_clip_forget.calibration.CalibrationReport`."""
+    from .calibration import calibrate_forget_adapter as calibrate
+
+    return calibrate(model, classes, tokenizer, **options)
+
+
 __all__ = [
     "DOMAIN_TEMPLATES",
     "IMAGENET_TEMPLATES",
@@ -55,9 +67,11 @@ __all__ = [
     "ProjectionEditConfig",
     "ProjectionEditModel",
     "VerificationReport",
+    "WeakEditWarning",
     "__version__",
     "add_forget_adapter",
     "audit_forgetting",
+    "calibrate_forget_adapter",
     "push_to_hub",
     "synthesize_prototypes",
     "verify_forget_adapter",

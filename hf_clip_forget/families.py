@@ -75,10 +75,11 @@ class DualEncoderFamily:
         default_templates: the prompt templates class names are embedded with when none are given for a
             text-side edit, and the family's prompt style (a built-in set of ``hf_clip_forget.core.TEMPLATE_SETS``:
             the 80-template ensemble for image models, sound templates for CLAP).
-        image_side_templates: the templates of an image-side edit when none are given. One template
-            (``"single"``) for image models: measured on real images, an image-side edit built from it forgets
-            and keeps as well as one built from 7, 18 or 80 (within 0.5 points; ``docs/templates.md``); on the text
-            side no smaller set matched the 80-template ensemble, which stays the text-side default.
+        image_side_templates: the templates of a global image-side edit that names its retain classes, when none
+            are given. One template (``"single"``) for image models: measured on real images, such an edit built
+            from it forgets and keeps as well as one built from 7, 18 or 80 (within 0.5 points;
+            ``docs/templates.md``). Without retain classes, on the text side and for domain edits, no smaller set
+            matched the 80-template ensemble, which stays the default there.
         inputs: what the non-text side takes: ``"image"`` (``pixel_values``, from an image processor) or
             ``"audio"`` (``input_features``, from a feature extractor), so that callers load the right
             preprocessor and refuse image-only work (visual prototypes, the image-classification harness).
@@ -134,12 +135,13 @@ class DualEncoderFamily:
             raise ValueError(f"`target` must be 'visual' or 'text', got {target!r}.")
         return self.image if target == "visual" else self.text
 
-    def templates_for(self, target_modules: str | Sequence[str]) -> str:
+    def templates_for(self, target_modules: str | Sequence[str], retain_named: bool = False) -> str:
         """The built-in template set an edit of ``target_modules`` (``"visual"``, ``"text"``, or module names)
-        uses when none are given: :attr:`image_side_templates` unless a text-side layer is edited."""
+        uses when none are given: :attr:`image_side_templates` for a global image-side edit that names its retain
+        classes (``retain_named``), :attr:`default_templates` otherwise."""
         modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         text_side = any(module == "text" or self.is_text_side(module) for module in modules)
-        return self.default_templates if text_side else self.image_side_templates
+        return self.image_side_templates if retain_named and not text_side else self.default_templates
 
     def side_of_module(self, module_name: str) -> EmbeddingSide:
         """The :class:`EmbeddingSide` that a full module name (possibly prefixed) belongs to."""

@@ -13,7 +13,8 @@ Images: ``--images`` images of ``--dataset``'s test split (decoded once beforeha
 
 - ``harness``: ``embed_images`` (decoding, preprocessing, forward, gathering);
 - ``bare``: the image processor and the vision tower's forward in batches of the same size;
-- variants of the bare forward on the pre-processed pixels alone: eager, channels-last, ``torch.compile``; each
+- variants of the bare forward on the pre-processed pixels alone: eager, channels-last, ``torch.compile`` (with
+  ``--compile``; its first call compiles for minutes); each
   checked against eager (max relative error of the features, identical zero-shot predictions).
 
 Each measurement is repeated ``--repeats`` times, interleaved, and the median kept.
@@ -54,7 +55,8 @@ def bare_text(model, tokenizer, prompts: list[str], batches: list[list[int]]) ->
     with torch.no_grad():
         for batch in batches:
             inputs = tokenizer([prompts[i] for i in batch], padding=True, truncation=True, return_tensors="pt")
-            outputs.append(model.get_text_features(**inputs))
+            output = model.get_text_features(**inputs)
+            outputs.append(output if isinstance(output, torch.Tensor) else output.pooler_output)
     return torch.cat(outputs)
 
 
@@ -93,7 +95,7 @@ def vision_forward(model, pixels: torch.Tensor, channels_last: bool = False, mod
     return torch.cat(outputs)
 
 
-def measure_images(model, processor, dataset, repeats: int) -> dict:
+def measure_images(model, processor, dataset, repeats: int, use_compile: bool) -> dict:
     images = [image.convert("RGB") for image in dataset["image"]]
     pixels = torch.cat(
         [processor(images=images[s : s + IMAGE_BATCH], return_tensors="pt")["pixel_values"]
@@ -111,7 +113,7 @@ def measure_images(model, processor, dataset, repeats: int) -> dict:
 
     eager_features = vision_forward(model, pixels)
     tower_last = model.vision_model  # converted in place below, after the eager runs of each repeat
-    compiled = None
+    compiled, compile_seconds = None, None
     runs = {
         "harness": lambda: embed_images(model, dataset, processor, batch_size=IMAGE_BATCH, show_progress=False).features,
         "bare (processor + forward)": bare,
@@ -119,7 +121,9 @@ def measure_images(model, processor, dataset, repeats: int) -> dict:
         "forward: eager": lambda: vision_forward(model, pixels),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
-    times.update({"forward: channels-last": [], "forward: torch.compile": []})
+    times["forward: channels-last"] = []
+    if use_compile:
+        times["forward: torch.compile"] = []
     checks = {}
     for repeat in range(repeats):
         for name, run in runs.items():
@@ -129,6 +133,8 @@ def measure_images(model, processor, dataset, repeats: int) -> dict:
         times["forward: channels-last"].append(seconds)
         checks["forward: channels-last"] = features
         tower_last.to(memory_format=torch.contiguous_format)
+        if not use_compile:
+            continue
         if compiled is None:
             compiled = torch.compile(model.vision_model)
             compile_seconds, _ = timed(lambda: vision_forward(model, pixels[:IMAGE_BATCH], module=compiled))
@@ -160,6 +166,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-images", action="store_true")
     parser.add_argument("--skip-text", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile (its first call takes minutes)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -175,15 +182,18 @@ def main() -> None:
             print(f"  {name:<14} {text['seconds'][name]:7.2f} s  {rate:8.0f} prompts/s")
         print(f"  library / bare = {text['library_over_bare']:.3f} (goal <= 1.05)")
     if not args.skip_images:
-        result["images"] = measure_images(model, processor, dataset.select(range(args.images)), args.repeats)
+        result["images"] = measure_images(
+            model, processor, dataset.select(range(args.images)), args.repeats, args.compile
+        )
         images = result["images"]
         print(f"images: {images['images']} images of {args.dataset} test")
         for name, rate in images["images_per_second"].items():
             error = images["max_relative_error_vs_eager"].get(name)
             note = f"  max rel. error vs eager {error:.1e}" if error is not None else ""
             print(f"  {name:<28} {images['seconds'][name]:7.2f} s  {rate:7.1f} images/s{note}")
-        print(f"  harness / bare = {images['harness_over_bare']:.3f}; torch.compile first call "
-              f"{images['torch_compile_first_call_seconds']:.1f} s")  # fmt: skip
+        print(f"  harness / bare = {images['harness_over_bare']:.3f}")
+        if images["torch_compile_first_call_seconds"] is not None:
+            print(f"  torch.compile first call {images['torch_compile_first_call_seconds']:.1f} s")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -1,13 +1,23 @@
-"""Measure domain-aware forgetting on PACS: global, domain-specific and complete, text-only vs text + prototypes.
+"""Measure domain-aware forgetting on PACS, the data-free effect estimate against real images, and the default μ.
 
-The demo model, PACS test (2,001 images, 7 classes × 4 domains), every class a zero-shot candidate (80 ImageNet
-templates averaged, domain-agnostic — the classifier does not know the domain). Each task is run through the public
-API (``add_forget_adapter`` with ``domains`` / ``retain_domains`` / ``paradigm`` / ``prototypes``) with text-only
-and with text + synthesised visual prototypes, for a few CCUP retain weights μ. Reported per task: the accuracy of
-the forgotten (domain, class) cells, of the same class in the kept domains, of the other classes in the forgotten
-domain, and of all other cells, before → after, plus the time to build the edit.
+The demo model, every PACS class a zero-shot candidate (80 ImageNet templates averaged, domain-agnostic — the
+classifier does not know the domain). Every edit is built through the public API (``add_forget_adapter`` with
+``domains`` / ``retain_domains`` / ``paradigm`` / ``prototypes``). Reported per edit: the accuracy of the forgotten
+(domain, class) cells, of the same class in the kept domains, of the other classes in the forgotten domain, and of
+all other cells, before → after, and the data-free estimate the build recorded (``provenance["effect_estimate"]``).
 
-    python scripts/measure_domains.py --data-dir ../shared/data --json docs/domains.json
+Three runs, each writing its own key of ``--json`` (other keys are kept):
+
+    # the μ sweep (text directions only; with and without naming the other classes) on one split
+    python scripts/measure_domains.py --sweep --split train --json docs/domains.json
+    python scripts/measure_domains.py --sweep --split test --prototype-mus 100,10 --json docs/domains.json
+    # the default μ, chosen on the train sweep (rule: choose_default_mu), and the trade-off plot
+    python scripts/measure_domains.py --choose-mu --json docs/domains.json --plot docs/domain_tradeoffs.png
+    # the data-free estimate of global edits, text side and image side (docs/audit.md has their real effect)
+    python scripts/measure_domains.py --global-estimates --json docs/domains.json
+    # the earlier study: global / domain / complete, text-only vs text + prototypes (issue 5), test split, with the
+    # plain templates of its time (80)
+    python scripts/measure_domains.py --study --templates imagenet --json docs/domains.json
 
 Goals (issue 5): global "dog": ≤ 5 % in every domain, other classes within 2 points; domain-specific "dog" in
 sketch: sketch/dog ≤ 5 %, dog in the other domains within 5 points, other sketch classes within 3 points.
@@ -18,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -31,6 +43,9 @@ from hf_clip_forget.evaluation import class_embeddings, project_image_features, 
 GLOBAL_TASKS = (("dog",), ("person",), ("guitar",))
 DOMAIN_TASKS = (("dog", "sketch"), ("person", "art_painting"), ("guitar", "cartoon"), ("horse", "photo"))
 COMPLETE_TASKS = (("dog", "sketch"), ("person", "art_painting"))
+SWEEP_MUS = "1000,300,100,50,30,10,3,1"
+#: The default μ must move the forgotten cell by at least this much (points, mean over the four tasks, train split).
+VISIBLE_DROP = 0.15
 
 
 def cell_accuracies(model, features, text) -> dict[str, float]:
@@ -55,131 +70,289 @@ def groups(before, after, forget_class, forget_domains, domains, classes) -> dic
     return result
 
 
-def plot_tradeoffs(rows: list[dict], path: str) -> None:
-    """Domain-specific forgetting: forgotten cells against the same class in kept domains, text vs +prototypes."""
+class Bench:
+    """The demo model, one PACS split's cached image features, and the unedited per-cell accuracies."""
+
+    def __init__(self, data_dir: str, split: str, model_name: str = "demo", templates: str | None = None) -> None:
+        self.templates = templates
+        self.model, self.tokenizer, self.image_processor = load_dual_encoder(model_name)
+        path = os.path.join(data_dir, "pacs", f"{split}.parquet")
+        self.features = cached_image_features(self.model, self.image_processor, path, split, model_name)
+        self.classes, self.domains = list(self.features.class_names), list(self.features.domain_names)
+        self.text = class_embeddings(self.model, self.tokenizer, self.classes)
+        self.before = cell_accuracies(self.model, self.features, self.text)
+
+    def run(self, paradigm, forget_class, forget_domains, *, name_others=True, prototypes=0, steps=60, **options):
+        """Build one edit, measure it, unload it; the row for the JSON."""
+        kept = [d for d in self.domains if d not in forget_domains]
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            edited = add_forget_adapter(
+                self.model, [forget_class], self.tokenizer,
+                retain_classes=[c for c in self.classes if c != forget_class] if name_others else None,
+                domains=list(forget_domains) if paradigm != "global" else self.domains,
+                retain_domains=kept if paradigm != "global" else None, paradigm=paradigm, prototypes=prototypes,
+                prototype_options={"steps": steps}, image_processor=self.image_processor, adapter_name="measured",
+                show_progress=False, templates=self.templates, **options,
+            )  # fmt: skip
+        seconds = time.perf_counter() - start
+        config = edited.peft_config["measured"]
+        after = cell_accuracies(edited, self.features, self.text)
+        edited.unload()
+        summary = groups(self.before, after, forget_class, forget_domains or self.domains, self.domains, self.classes)
+        if paradigm == "global":  # every domain is forgotten: report each one
+            summary.update({f"{d}/{forget_class}": (self.before[f"{d}/{forget_class}"], after[f"{d}/{forget_class}"])
+                            for d in self.domains})  # fmt: skip
+        return {
+            "paradigm": paradigm, "class": forget_class, "domains": list(forget_domains) or self.domains,
+            "method": config.method, "ccup_mu": config.ccup_mu if config.method == "ccup" else None,
+            "prototypes": prototypes, "retain_classes_named": name_others, "edit_seconds": seconds,
+            "groups": summary, "estimate": config.provenance.get("effect_estimate"),
+            "weak_edit_warning": any(type(w.message).__name__ == "WeakEditWarning" for w in caught),
+        }  # fmt: skip
+
+
+def describe(row: dict) -> None:
+    source = f"text + {row['prototypes']} prototypes/cell" if row["prototypes"] else "text only"
+    others = "" if row["retain_classes_named"] else ", other classes NOT named"
+    mu = "" if row["ccup_mu"] is None else f" μ={row['ccup_mu']:g}"
+    print(f"\n{row['paradigm']:<8} {row['class']}/{'+'.join(row['domains'])} — {row['method']}{mu}, {source}{others} "
+          f"({row['edit_seconds']:.0f} s)", flush=True)  # fmt: skip
+    for name, (b, a) in row["groups"].items():
+        print(f"  {name:<34} {100 * b:5.1f} → {100 * a:5.1f} %  ({100 * (a - b):+.1f})", flush=True)
+    estimate = row["estimate"]
+    if estimate:
+        print(f"  estimate: forgotten probes keep {estimate['predicted_kept']}, weak={estimate['weak']}, "
+              f"warned={row['weak_edit_warning']}", flush=True)  # fmt: skip
+
+
+def sweep(bench: Bench, mus: list[float], prototype_mus: list[float], prototypes: int, steps: int) -> list[dict]:
+    """Domain-specific edits for every μ: naming the other classes (as the API docs do) or not (as the issue's CLI
+    command did), text only; with prototypes for ``prototype_mus``."""
+    rows = []
+    for forget_class, domain in DOMAIN_TASKS:
+        for mu in mus:
+            for name_others in (True, False):
+                rows.append(bench.run("domain", forget_class, (domain,), name_others=name_others, ccup_mu=mu))
+                describe(rows[-1])
+        for mu in prototype_mus:
+            rows.append(bench.run("domain", forget_class, (domain,), ccup_mu=mu, prototypes=prototypes, steps=steps))
+            describe(rows[-1])
+    return rows
+
+
+def study(bench: Bench, mus: list[float], prototypes: int, steps: int) -> list[dict]:
+    """The issue-5 study: global, domain-specific and complete, text-only vs text + prototypes."""
+    tasks = [("global", c, ()) for (c,) in GLOBAL_TASKS]
+    tasks += [("domain", c, (d,)) for c, d in DOMAIN_TASKS] + [("complete", c, (d,)) for c, d in COMPLETE_TASKS]
+    rows = []
+    for paradigm, forget_class, forget_domains in tasks:
+        settings = [("nullspace", None), ("ccup", 100.0)] if paradigm == "global" else [("ccup", mu) for mu in mus]
+        for method, mu in settings:
+            for count in (0, prototypes):
+                options = {"method": method} | ({"ccup_mu": mu} if mu is not None else {})
+                rows.append(
+                    bench.run(paradigm, forget_class, forget_domains, prototypes=count, steps=steps, **options)
+                )
+                describe(rows[-1])
+    return rows
+
+
+#: Global edits whose estimate is checked against the audit's real numbers (docs/audit.md, same forget sets).
+GLOBAL_ESTIMATES = {
+    "cifar10": (["frog"], ["frog", "airplane", "deer"]),
+    "pacs": (["person"], ["guitar", "person", "dog"]),
+    "caltech101": (["hedgehog"], ["wild_cat", "joshua_tree", "airplanes"]),
+}
+
+
+def global_estimates(data_dir: str, model_name: str) -> list[dict]:
+    """The data-free estimate of global edits naming every other class of the data, text side and image side (no
+    images are read: only the class names)."""
+    import datasets
+
+    model, tokenizer, _ = load_dual_encoder(model_name)
+    rows = []
+    for name, forget_sets in GLOBAL_ESTIMATES.items():
+        path = os.path.join(data_dir, name, "test.parquet")
+        names = datasets.load_dataset("parquet", data_files={"test": path}, split="test").features["label"].names
+        for forget, target in [(forget, target) for forget in forget_sets for target in ("text", "visual")]:
+            others = [c for c in names if c not in forget]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                edited = add_forget_adapter(model, forget, tokenizer, retain_classes=others, target=target,
+                                            adapter_name="measured", show_progress=False)  # fmt: skip
+            estimate = edited.peft_config["measured"].provenance["effect_estimate"]
+            edited.unload()
+            warned = any(type(w.message).__name__ == "WeakEditWarning" for w in caught)
+            rows.append({"dataset": name, "forget": forget, "target": target, "retain_classes": len(others),
+                         "estimate": estimate, "weak_edit_warning": warned})  # fmt: skip
+            print(f"{name:<10} {'+'.join(forget):<30} {target:<6} predicted margin kept "
+                  f"{estimate['predicted_kept']:+.2f} weak={estimate['weak']} warned={warned}", flush=True)  # fmt: skip
+    return rows
+
+
+def choose_default_mu(rows: list[dict]) -> tuple[float, list[dict]]:
+    """The default μ of ``paradigm="domain"``, from the train sweep (text only, other classes named): the largest μ
+    (least damage to the class in the kept domains) whose forgotten cells drop by at least :data:`VISIBLE_DROP`
+    on average over the four tasks. Returns it and the per-μ means."""
+    table = []
+    for mu in sorted({r["ccup_mu"] for r in rows}, reverse=True):
+        points = [r for r in rows if r["ccup_mu"] == mu and r["retain_classes_named"] and not r["prototypes"]]
+        drop = statistics.mean(r["groups"]["forgotten cells"][0] - r["groups"]["forgotten cells"][1] for r in points)
+        kept = [r["groups"]["same class, kept domains"] for r in points]
+        table.append({"ccup_mu": mu, "forgotten_drop": drop, "kept_drop": statistics.mean(b - a for b, a in kept)})
+    visible = [row for row in table if row["forgotten_drop"] >= VISIBLE_DROP]
+    return (max(row["ccup_mu"] for row in visible) if visible else min(r["ccup_mu"] for r in table)), table
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0.0] * len(values)
+        for rank, index in enumerate(order):
+            result[index] = float(rank)
+        return result
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+
+
+def estimate_agreement(rows: list[dict]) -> dict:
+    """How well the data-free estimate orders the real effects: Spearman correlation, over every edit, of the
+    forgotten probes' margin kept with the forgotten cells' accuracy kept (after / before), and of the kept
+    probes' accuracy change with the same class's real change in the kept domains."""
+    usable = [r for r in rows if r["estimate"] and r["estimate"]["forgotten"]["margin_kept"] is not None]
+    real_kept = [r["groups"]["forgotten cells"][1] / r["groups"]["forgotten cells"][0] for r in usable]
+    predicted = [r["estimate"]["forgotten"]["margin_kept"] for r in usable]
+    same = [r for r in usable if r["estimate"]["same_class_kept"]]
+    real_same = [r["groups"]["same class, kept domains"][1] - r["groups"]["same class, kept domains"][0] for r in same]
+    predicted_same = [r["estimate"]["same_class_kept"]["margin_kept"] for r in same]
+    flagged = [r for r in rows if r["estimate"] and r["estimate"]["weak"]]
+    return {
+        "edits": len(usable),
+        "spearman_forgotten": spearman(predicted, real_kept),
+        "spearman_same_class_kept": spearman(predicted_same, real_same),
+        "flagged": len(flagged),
+        "largest_real_drop_when_flagged": max(
+            (r["groups"]["forgotten cells"][0] - r["groups"]["forgotten cells"][1] for r in flagged), default=None
+        ),
+    }
+
+
+def weak_thresholds(rows: list[dict], moved: float = 0.05) -> list[dict]:
+    """For candidate thresholds of the margin kept (domain-specific edits naming the other classes): how many are
+    flagged, the largest real drop of the forgotten cells among them, and the errors — flagged edits that moved
+    their cells by ≥ ``moved``, unflagged ones that did not. The threshold chosen (``WEAK_MARGIN_KEPT``) is the one
+    with the fewest errors on train, the higher one on a tie (fewer warnings on edits that act)."""
+    usable = [r for r in rows if r["retain_classes_named"] and not r["prototypes"]]
+    table = []
+    for threshold in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9):
+        drops = [(r["estimate"]["predicted_kept"] >= threshold,
+                  r["groups"]["forgotten cells"][0] - r["groups"]["forgotten cells"][1]) for r in usable]  # fmt: skip
+        flagged = [d for weak, d in drops if weak]
+        table.append({"threshold": threshold, "flagged": len(flagged), "largest_real_drop": max(flagged, default=None),
+                      "flagged_that_moved": sum(d >= moved for d in flagged),
+                      "unflagged_that_did_not": sum(d < moved for weak, d in drops if not weak)})  # fmt: skip
+    return table
+
+
+def plot_tradeoffs(sweeps: dict, default_mu: float, path: str) -> None:
+    """Per task: the forgotten cell against the same class in the kept domains, one point per μ (train and test,
+    text only; test with prototypes), the default μ circled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({(r["class"], r["domains"][0]) for r in rows if r["paradigm"] == "domain"})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.3), squeeze=False)
-    for axis, (name, domain) in zip(axes[0], tasks, strict=True):
-        for prototypes, style in ((0, "o--"), (max(r["prototypes"] for r in rows), "s-")):
-            points = [
-                r for r in rows
-                if r["paradigm"] == "domain" and r["class"] == name and r["prototypes"] == prototypes
-            ]  # fmt: skip
+    fig, axes = plt.subplots(1, len(DOMAIN_TASKS), figsize=(3.3 * len(DOMAIN_TASKS), 3.5), squeeze=False)
+    styles = {("train", 0): ("o--", "tab:grey"), ("test", 0): ("o-", "tab:blue"), ("test", 1): ("s-", "tab:orange")}
+    for axis, (name, domain) in zip(axes[0], DOMAIN_TASKS, strict=True):
+        for (split, with_prototypes), (style, colour) in styles.items():
+            points = [r for r in sweeps.get(split, []) if r["class"] == name and r["retain_classes_named"]
+                      and bool(r["prototypes"]) == bool(with_prototypes)]  # fmt: skip
+            if not points:
+                continue
             points.sort(key=lambda r: -r["ccup_mu"])
             xs = [100 * r["groups"]["forgotten cells"][1] for r in points]
             ys = [100 * r["groups"]["same class, kept domains"][1] for r in points]
-            label = f"text + {prototypes} prototypes" if prototypes else "text only"
-            axis.plot(xs, ys, style, label=label)
+            label = f"{split}, " + (f"+ {points[0]['prototypes']} prototypes" if with_prototypes else "text only")
+            axis.plot(xs, ys, style, color=colour, label=label, ms=4)
             for r, x, y in zip(points, xs, ys, strict=True):
-                axis.annotate(f"μ={r['ccup_mu']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        before = points[0]["groups"]
-        axis.plot(
-            [100 * before["forgotten cells"][0]], [100 * before["same class, kept domains"][0]], "k*", label="before"
-        )
+                if split == "test" and r["ccup_mu"] in (1000, 100, 50, 10, 3, 1):
+                    axis.annotate(f"{r['ccup_mu']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                if r["ccup_mu"] == default_mu and not with_prototypes:
+                    axis.plot([x], [y], "o", mfc="none", mec="red", ms=10)
+            before = points[0]["groups"]
+            axis.plot([100 * before["forgotten cells"][0]], [100 * before["same class, kept domains"][0]], "k*")
         axis.axvline(5, color="grey", lw=0.8, ls=":")
         axis.set_title(f"{name} in {domain}", fontsize=9)
         axis.set_xlabel(f"{domain}/{name} accuracy (%)", fontsize=8)
         axis.set_ylabel(f"{name}, other domains (%)", fontsize=8)
         axis.set_xlim(-3, 100), axis.set_ylim(-3, 100)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Domain-specific forgetting on PACS (demo model): ideal is bottom-left x, top y", fontsize=9)
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Domain-specific forgetting on PACS (demo model), one point per μ (numbers: μ; red: default "
+                 f"μ = {default_mu:g}; ★ before). Ideal: left and high.", fontsize=8)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compact_json(results: dict) -> str:
+    """Indented JSON with every innermost list and every probe-group dict on one line."""
+    text = json.dumps(results, indent=1)
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    return re.sub(r"\{\s+([^\[\]{}]*?)\s+\}", lambda m: "{" + " ".join(m.group(1).split()) + "}", text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--split", default="test", choices=["train", "test"])
+    run = parser.add_mutually_exclusive_group(required=True)
+    run.add_argument("--sweep", action="store_true", help="domain-specific edits for every --mus (text only)")
+    run.add_argument("--study", action="store_true", help="the issue-5 study (global/domain/complete, prototypes)")
+    run.add_argument("--choose-mu", action="store_true", help="choose the default μ from the saved train sweep")
+    run.add_argument("--global-estimates", action="store_true", help="data-free estimate of global edits (no images)")
+    parser.add_argument("--mus", default=None, help=f"CCUP retain weights μ (λ = 1000); sweep default {SWEEP_MUS}")
+    parser.add_argument("--prototype-mus", default="", help="sweep: also these μ with prototypes")
     parser.add_argument("--prototypes", type=int, default=4, help="prototypes per forget cell in the +prototypes runs")
     parser.add_argument("--steps", type=int, default=60, help="optimisation steps per prototype")
-    parser.add_argument("--mus", default="1000,100,10", help="CCUP retain weights μ to try (λ = 1000)")
-    parser.add_argument("--quick", action="store_true", help="one task per paradigm, one μ")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--plot", default=None, help="write the domain-specific trade-off plot (PNG) here")
-    parser.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from a saved --json")
+    parser.add_argument("--templates", default=None, help="templates of the edits (default: the library's)")
+    parser.add_argument("--json", required=True, help="read and update this JSON (one key per run)")
+    parser.add_argument("--plot", default=None, help="--choose-mu: write the trade-off plot (PNG) here")
     args = parser.parse_args()
-    if args.replot:
-        with open(args.replot) as handle:
-            plot_tradeoffs(json.load(handle)["rows"], args.plot)
-        return
+    results = json.load(open(args.json)) if os.path.isfile(args.json) else {}
     torch.set_grad_enabled(False)
-
-    model, tokenizer, image_processor = load_dual_encoder(args.model)
-    features = cached_image_features(
-        model, image_processor, os.path.join(args.data_dir, "pacs", "test.parquet"), "test", args.model
-    )
-    classes, domains = list(features.class_names), list(features.domain_names)
-    text = class_embeddings(model, tokenizer, classes)
-    before = cell_accuracies(model, features, text)
-    mus = [float(m) for m in args.mus.split(",")][: 1 if args.quick else None]
-    tasks = [("global", c, ()) for (c,) in GLOBAL_TASKS[: 1 if args.quick else None]]
-    tasks += [("domain", c, (d,)) for c, d in DOMAIN_TASKS[: 1 if args.quick else None]]
-    tasks += [("complete", c, (d,)) for c, d in COMPLETE_TASKS[: 1 if args.quick else None]]
-
-    rows = []
-    for paradigm, forget_class, forget_domains in tasks:
-        others = [c for c in classes if c != forget_class]
-        kept = [d for d in domains if d not in forget_domains]
-        # global: the default nullspace and CCUP (μ = 100); domain paradigms: CCUP for each μ
-        settings = [("nullspace", None), ("ccup", 100.0)] if paradigm == "global" else [("ccup", mu) for mu in mus]
-        for method, mu in settings:
-            for prototypes in (0, args.prototypes):
-                options = {"method": method} | ({"ccup_mu": mu} if mu is not None else {})
-                start = time.perf_counter()
-                edited = add_forget_adapter(
-                    model,
-                    [forget_class],
-                    tokenizer,
-                    retain_classes=others,
-                    domains=list(forget_domains) if paradigm != "global" else domains,
-                    retain_domains=kept if paradigm != "global" else None,
-                    paradigm=paradigm,
-                    prototypes=prototypes,
-                    prototype_options={"steps": args.steps},
-                    image_processor=image_processor,
-                    adapter_name="measured",
-                    show_progress=False,
-                    **options,
-                )
-                seconds = time.perf_counter() - start
-                config = edited.peft_config["measured"]
-                after = cell_accuracies(edited, features, text)
-                edited.unload()
-                summary = groups(before, after, forget_class, forget_domains or domains, domains, classes)
-                if paradigm == "global":  # every domain is forgotten: report each one
-                    cells = [f"{d}/{forget_class}" for d in domains]
-                    summary.update({cell: (before[cell], after[cell]) for cell in cells})
-                rows.append(
-                    {
-                        "paradigm": paradigm,
-                        "class": forget_class,
-                        "domains": list(forget_domains) or domains,
-                        "method": config.method,
-                        "ccup_mu": mu,
-                        "prototypes": prototypes,
-                        "edit_seconds": seconds,
-                        "groups": summary,
-                    }
-                )
-                label = f"{paradigm:<8} {forget_class}/{'+'.join(forget_domains) or 'all'}"
-                weights = "" if mu is None else f" μ={mu:g}"
-                source = f"text + {prototypes} prototypes/cell" if prototypes else "text only"
-                setting = f"{config.method}{weights}, {source}"
-                print(f"\n{label} — {setting} ({seconds:.0f} s)", flush=True)
-                for name, (b, a) in summary.items():
-                    print(f"  {name:<34} {100 * b:5.1f} → {100 * a:5.1f} %  ({100 * (a - b):+.1f})", flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"before": before, "rows": rows}, handle, indent=2)
-    if args.plot:
-        plot_tradeoffs(rows, args.plot)
+    if args.choose_mu:
+        chosen, table = choose_default_mu(results["sweeps"]["train"])
+        results["default_mu"] = {"chosen": chosen, "rule": choose_default_mu.__doc__.split("\n\n")[0],
+                                 "visible_drop": VISIBLE_DROP, "train": table}  # fmt: skip
+        results["estimate_agreement"] = {split: estimate_agreement(rows) for split, rows in results["sweeps"].items()}
+        results["weak_thresholds"] = {split: weak_thresholds(rows) for split, rows in results["sweeps"].items()}
+        print(json.dumps({k: results[k] for k in ("default_mu", "estimate_agreement", "weak_thresholds")}, indent=1))
+        if args.plot:
+            plot_tradeoffs(results["sweeps"], chosen, args.plot)
+    elif args.global_estimates:
+        results["global_estimates"] = global_estimates(args.data_dir, args.model)
+    else:
+        bench = Bench(args.data_dir, args.split, args.model, args.templates)
+        if args.sweep:
+            mus = [float(m) for m in (args.mus or SWEEP_MUS).split(",")]
+            prototype_mus = [float(m) for m in args.prototype_mus.split(",") if m]
+            rows = sweep(bench, mus, prototype_mus, args.prototypes, args.steps)
+            results.setdefault("sweeps", {})[args.split] = rows
+            results.setdefault("before", {})[args.split] = bench.before
+        else:
+            mus = [float(m) for m in (args.mus or "1000,100,10").split(",")]
+            results["study"] = {"split": args.split, "before": bench.before,
+                                "rows": study(bench, mus, args.prototypes, args.steps)}  # fmt: skip
+    with open(args.json, "w") as handle:
+        handle.write(compact_json(results))
 
 
 if __name__ == "__main__":

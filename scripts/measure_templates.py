@@ -16,7 +16,10 @@ is at most 0.5 points above, and whose mean retain accuracy is at most 0.5 point
     python scripts/measure_templates.py --data-dir ../shared/data --json docs/templates.json --plot docs/templates.png
     python scripts/measure_templates.py --data-dir ../shared/data --target text --json docs/templates_text.json
 
-(``--target text``: the same edits on the text side, judged with the class embeddings the edited model computes.)
+    python scripts/measure_templates.py --data-dir ../shared/data --no-retain --json docs/templates_plain.json
+
+(``--target text``: the same edits on the text side, judged with the class embeddings the edited model computes;
+``--no-retain``: plain nullspace edits from the forgotten names alone, as ``add_forget_adapter(model, classes)``.)
 
 Image features are cached (``$HF_HOME/hf_clip_forget/features``); the train samples take ~5 min to embed once.
 """
@@ -88,8 +91,8 @@ def evaluate(model, features, text, forget):
     return score_predictions(logits.argmax(dim=-1), features, forget)
 
 
-def measure(model, tokenizer, features, text, forget, method, templates, target="visual") -> dict:
-    retain = [name for name in features.class_names if name not in forget]
+def measure(model, tokenizer, features, text, forget, method, templates, target="visual", named_retain=True) -> dict:
+    retain = [name for name in features.class_names if name not in forget] if named_retain else None
     started = time.perf_counter()
     edited = add_forget_adapter(
         model, forget, tokenizer, retain_classes=retain, method=method, templates=templates, target=target,
@@ -193,6 +196,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--select-images", type=int, default=2000, help="train images sampled per dataset")
     parser.add_argument("--target", default="visual", choices=("visual", "text"), help="the side the edits act on")
+    parser.add_argument(
+        "--no-retain", action="store_true", help="the class names alone (no retain classes named): nullspace only"
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
@@ -207,16 +213,18 @@ def main() -> None:
             before = evaluate(model, features, text, [])
             print(f"{name} {split}: {len(features.labels)} images, accuracy before {100 * before.accuracy:.1f} %")
             for forget in forget_sets(list(features.class_names), args.draws, args.seed):
-                for method in METHODS:
+                for method in ("nullspace",) if args.no_retain else METHODS:
                     for templates in SETS:
-                        row = measure(model, tokenizer, features, text, forget, method, templates, args.target)
+                        row = measure(
+                            model, tokenizer, features, text, forget, method, templates, args.target, not args.no_retain
+                        )
                         rows.append({"dataset": name, "split": split, **row})
     summary = summarise(rows)
     chosen, verdicts = choose(summary, "train")
     print(f"\n{'split':<6} {'task':<22} {'method':<10}" + "".join(f"{s:>24}" for s in SETS))
     for split in ("train", "test"):
         for task in sorted({e["task"] for e in summary}):
-            for method in METHODS:
+            for method in sorted({e["method"] for e in summary}):
                 cells = {e["templates"]: e for e in summary if (e["split"], e["task"], e["method"]) == (split, task, method)}
                 line = "".join(
                     f"{100 * cells[s]['forget_after']:>10.1f} / {100 * cells[s]['retain_after']:5.1f} %   " for s in SETS
@@ -231,7 +239,7 @@ def main() -> None:
         for row in rows:
             row.pop("per_domain_class_after")
         with open(args.json, "w") as handle:
-            json.dump({"target": args.target, "chosen": chosen, "tolerance": TOLERANCE, "verdicts_train": verdicts,
+            json.dump({"target": args.target, "retain_classes_named": not args.no_retain, "chosen": chosen, "tolerance": TOLERANCE, "verdicts_train": verdicts,
                        "verdicts_test": test_verdict, "summary": summary, "rows": rows}, handle, indent=2)  # fmt: skip
 
 

@@ -86,12 +86,12 @@ def text_features(model, tokenizer, texts) -> torch.Tensor:
         )
 
 
-def class_embeddings(model, tokenizer, classes, templates=None, target="visual") -> torch.Tensor:
+def class_embeddings(model, tokenizer, classes, templates=None, retain_named=False) -> torch.Tensor:
     """Normalised, template-averaged class embeddings (float32) of an *unedited* model, with ``templates`` or the
-    ones an edit of ``target`` uses by default (the family's: one template for the image side, 80 for the text)."""
+    ones an image-side edit uses by default (the family's: one template when it names retain classes, else 80)."""
     if templates is None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        templates = resolve_templates(family_of(base).templates_for(target))
+        templates = resolve_templates(family_of(base).templates_for("visual", retain_named))
     return class_text_embeddings(model, tokenizer, classes, templates, show_progress=False).embeddings.float()
 
 

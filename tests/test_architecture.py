@@ -16,6 +16,7 @@ LAYERS = {
     "hub": 4,
     "evaluation": 4,
     "audit": 4,
+    "calibration": 4,
     "cli": 5,
     "testing_utils": 1,
     "files": 1,

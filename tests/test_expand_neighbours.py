@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_clip_forget import ForgetPeftModel, ProjectionEditConfig, add_forget_adapter
-from hf_clip_forget.core import SINGLE_TEMPLATE, class_text_embeddings, nearest_words, shared_direction
+from hf_clip_forget.core import IMAGENET_TEMPLATES, class_text_embeddings, nearest_words, shared_direction
 from hf_clip_forget.testing_utils import random_pixels, tiny_clip, tiny_tokenizer
 
 from .conftest import image_features, max_abs_cos
@@ -20,7 +20,7 @@ def word_tokenizer():
 
 
 def embeddings(model, tokenizer, names):
-    return class_text_embeddings(model, tokenizer, names, SINGLE_TEMPLATE, show_progress=False).embeddings  # the default
+    return class_text_embeddings(model, tokenizer, names, IMAGENET_TEMPLATES, show_progress=False).embeddings
 
 
 def test_the_neighbour_words_are_recorded_and_forgotten_with_the_class(word_tokenizer):

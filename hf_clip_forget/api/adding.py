@@ -11,6 +11,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 
 from ..core import DEFAULT_RANK_TOLERANCE, resolve_templates, validate_class_names
+from ..core.domains import default_ccup_mu
 from ..families import family_of
 from ..tuners.projection_edit import ProjectionEditConfig, ProjectionEditLayer
 from ..tuners.projection_edit.build import BuildInputs, BuiltAdapter, build_adapter
@@ -36,7 +37,7 @@ def add_forget_adapter(
     text_embeds: Tensor | None = None,
     retain_text_embeds: Tensor | None = None,
     ccup_lambda: float = 1000.0,
-    ccup_mu: float = 100.0,
+    ccup_mu: float | None = None,
     keep_shared_direction: bool | None = None,
     domains: Sequence[str] | None = None,
     retain_domains: Sequence[str] | None = None,
@@ -74,7 +75,9 @@ def add_forget_adapter(
             and ``ccup_mu`` μ, each at most 1e8). Default: ``"ccup"`` for the domain paradigms (a nullspace cannot
             keep the class in the other domains), ``"nullspace"`` otherwise.
         templates: prompt templates: a list of format strings with one ``{}``, one string, or the name of a
-            built-in set (``"imagenet"``, the default 80-template ensemble, or ``"single"``).
+            built-in set (``"single"``, ``"imagenet_selected"`` (7), ``"cifar"`` (18), ``"imagenet"`` (80)). Default:
+            the family's — one template for a global image-side edit that names its retain classes, the
+            80-template ensemble otherwise (measured: ``docs/templates.md``).
         average_templates: average each class's template embeddings into one direction (default) or keep one
             direction per (class, template).
         target: ``"visual"`` (edit ``visual_projection``, default), ``"text"`` (edit ``text_projection``: forgotten
@@ -82,7 +85,12 @@ def add_forget_adapter(
         adapter_name: name of the new adapter (default ``"default"`` for the first, ``"forget_<n>"`` after).
         text_embeds: precomputed ``(n, d)`` text embeddings to forget, instead of embedding ``classes``.
         retain_text_embeds: precomputed ``(r, d)`` embeddings to keep, instead of embedding ``retain_classes``.
-        ccup_lambda, ccup_mu: CCUP weights λ (forget) and μ (retain), in [0, 1e8].
+        ccup_lambda, ccup_mu: CCUP weights λ (forget) and μ (retain), in [0, 1e8]. ``ccup_mu`` defaults to the
+            paradigm's (:data:`~hf_clip_forget.core.domains.DEFAULT_CCUP_MU`: chosen by measurement for
+            ``"domain"``, ``docs/domains.md``; 100 otherwise); the config records the value used. For a
+            domain-specific edit μ *is* the trade-off between forgetting the cell and keeping the class in the
+            other domains: lower forgets more and keeps less. ``calibrate_forget_adapter`` chooses it on your
+            labelled images.
         keep_shared_direction: take the image-side forget directions orthogonal to the mean direction of all named
             classes (forget and retain), so that a forgotten class's logit drops to about the average logit instead
             of 0. Default: on when ``retain_classes`` (or ``retain_text_embeds``) are given, the target is not
@@ -123,6 +131,12 @@ def add_forget_adapter(
     Raises:
         ValueError / TypeError: on any bad input, an unsupported model class, a tokenizer of another model, or an
             edit that would change nothing (rank 0) — always before the model is modified.
+
+    Warns:
+        WeakEditWarning: a domain-specific (or text-side) edit built without calibration is predicted, data-free,
+            to change little (its forgotten cells' prompts keep most of their zero-shot margin); the message gives
+            the predicted numbers and the fixes. The estimate is recorded in the adapter's
+            ``provenance["effect_estimate"]`` (:mod:`hf_clip_forget.core.effect`).
     """
     holder = adapter_holder(model)
     base = holder.get_base_model() if holder is not None else model
@@ -172,7 +186,8 @@ def forget_config(
     its defaults resolved.
 
     ``settings`` are the config fields passed through unchanged (``alpha``, ``ccup_lambda``, ``ccup_mu``,
-    ``average_templates``, ``domain_templates``, ``rank_tolerance``, ``expand_neighbours``).
+    ``average_templates``, ``domain_templates``, ``rank_tolerance``, ``expand_neighbours``); a ``ccup_mu`` of
+    ``None`` (or none) becomes the paradigm's default (:func:`~hf_clip_forget.core.domains.default_ccup_mu`).
     """
     classes = _class_names(classes, text_embeds)
     if retain_classes is not None:
@@ -197,6 +212,8 @@ def forget_config(
     if domain_aware and target != "visual":
         raise ValueError("Domain-aware edits and visual prototypes act on the image side; use target='visual'.")
     paradigm = paradigm or ("domain" if domains else "global")
+    if settings.get("ccup_mu") is None:
+        settings["ccup_mu"] = default_ccup_mu(paradigm)
     has_retain = retain_classes is not None or retain_text_embeds is not None or paradigm == "domain"
     if keep_shared_direction is None:
         # with prototypes, the text-side shared direction would keep the forgotten class's share while the
@@ -224,7 +241,9 @@ def forget_config(
         prototype_options=dict(prototype_options or {}) if (prototypes or retain_prototypes) else {},
         forgotten_classes=classes,
         retain_classes=list(retain_classes or []),
-        templates=resolve_templates(family.default_templates if templates is None else templates),
+        templates=resolve_templates(
+            family.templates_for(target, retain_named=has_retain and paradigm == "global") if templates is None else templates
+        ),
         embedding_source="text_embeds" if text_embeds is not None else "class_names",
         **settings,
     )

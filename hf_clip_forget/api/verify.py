@@ -76,7 +76,9 @@ def verify_forget_adapter(
     unknown = sorted(set(names) - set(model.peft_config))
     if unknown:
         raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(model.peft_config)}.")
-    inputs = BuildInputs(tokenizer, image_processor, batch_size=batch_size, show_progress=show_progress)
+    inputs = BuildInputs(
+        tokenizer, image_processor, batch_size=batch_size, show_progress=show_progress, estimate_effect=False
+    )
     return VerificationReport(tuple(_verify_one(model, name, inputs, tolerance) for name in names))
 
 

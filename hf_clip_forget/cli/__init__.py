@@ -1,5 +1,5 @@
-"""Layer 5 — the ``hf-clip-forget`` command line: ``demo``, ``forget``, ``verify``, ``audit``, ``eval``, ``sweep``,
-``detect`` and ``cache``.
+"""Layer 5 — the ``hf-clip-forget`` command line: ``demo``, ``forget``, ``calibrate``, ``verify``, ``audit``, ``eval``,
+``sweep``, ``detect`` and ``cache``.
 
 MODEL is a Hub id, a local directory, or ``demo`` (the embedded default, assembled offline from PyPI packages).
 
@@ -32,6 +32,7 @@ from ..api.verify import VERIFY_TOLERANCE
 from ..core.prompt_cache import prompt_cache_disabled
 from .audit import add_audit_parser
 from .cache import add_cache_parser
+from .calibrate import add_calibrate_parser
 from .commands import command_demo, command_eval, command_forget, command_sweep, command_verify
 from .detect import command_detect
 from .loading import CommandError, cached_image_features, load_adapter, load_data, load_dual_encoder, one_line
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: ccup with --domains (paradigm domain/complete), nullspace otherwise",
     )
     forget.add_argument("--target", choices=["visual", "text", "both"], default="visual")
-    forget.add_argument("--templates", nargs="+", default=None, help="'imagenet', 'single' or format strings with {}")
+    forget.add_argument("--templates", nargs="+", default=None, help="a built-in set ('single', 'imagenet_selected', 'cifar', 'imagenet') or format strings with {}; default: 'single' for an image-side edit, 'imagenet' (80) for a text-side one")
     forget.add_argument(
         "--no-keep-shared-direction",
         action="store_true",
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "audit.json",
     )
     forget.set_defaults(handler=command_forget)
+
+    add_calibrate_parser(commands)
 
     verify = commands.add_parser(
         "verify",

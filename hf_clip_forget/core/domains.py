@@ -113,3 +113,17 @@ def plan_domain_edit(
         if paradigm == "domain":
             retain = cells(classes, [None, *kept_domains]) + retain
     return DomainPlan(paradigm, tuple(forget), tuple(retain))
+
+
+#: CCUP retain weight μ used when none is given, per paradigm. ``"domain"``: chosen on PACS *train* with the demo
+#: model (``scripts/measure_domains.py --choose-mu``, ``docs/domains.md``) as the largest μ whose forgotten cells lose
+#: at least 15 points on average over four tasks, with the templates domain edits use (80 per plain cell): μ = 50.
+#: The others keep the library's long-standing 100.
+DEFAULT_CCUP_MU: dict[str, float] = {"global": 100.0, "domain": 50.0, "complete": 100.0}
+
+
+def default_ccup_mu(paradigm: str) -> float:
+    """The CCUP retain weight μ a ``paradigm`` uses when none is given (:data:`DEFAULT_CCUP_MU`)."""
+    if paradigm not in DEFAULT_CCUP_MU:
+        raise ValueError(f"`paradigm` must be one of {list(PARADIGMS)}, got {paradigm!r}.")
+    return DEFAULT_CCUP_MU[paradigm]

@@ -18,9 +18,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, hf_hub_downloa
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..api import ForgetPeftModel
+from ..core.calibration import DATA_ASSISTED
 from ..core.fingerprint import WeightFingerprint
 from ..core.templates import IMAGENET_TEMPLATES, SINGLE_TEMPLATE
 from ..families import family_of
+from .card_calibration import calibration_section
 
 
 if TYPE_CHECKING:  # the audit imports the evaluation layer, which imports this package: only its type is needed
@@ -228,6 +230,8 @@ def build_model_card(
         mergeable=all(getattr(config, "mergeable", True) for config in configs.values()),
         scope=family_of(model.get_base_model()).scope,
         audit=_audit_section(audit) if audit is not None else None,  # the library's own text (Markdown intended)
+        calibrations=[calibration_section(name, c) for name, c in configs.items() if getattr(c, "calibration", {})],
+        data_assisted=DATA_ASSISTED,
         fingerprints=fingerprints,
         created=escape_markdown(first.provenance.get("created", "unknown")),
         versions=", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in versions.items()) or "unknown",

@@ -18,26 +18,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core import (
-    DomainCell,
-    EditFactors,
-    build_edit_factors,
-    class_text_embeddings,
-    encode_prompts,
-    normalize_rows,
-    plan_domain_edit,
-    resolve_templates,
-    synthesize_prototypes,
-)
+from ...core import EditFactors, build_edit_factors, resolve_templates
 from ...core import domain_templates as templates_of_domain
+from ...core.domains import default_ccup_mu
 from ...core.fingerprint import fingerprint_weight
 from ...core.prompt_cache import prompt_cache_disabled
 from ...core.tokenizer_checks import check_tokenizer_matches_model, warn_about_poorly_tokenized_classes
 from ...families import family_of
 from .config import ProjectionEditConfig
+from .embedder import Embedder, Embeddings, domain_aware
+from .estimate import effect_record, estimate_built_effect, warn_if_weak
 from .layer import ProjectionEditLayer
 from .neighbours import with_neighbour_names
-from .preprocessors import prototype_geometry, resolve_image_processor, resolve_tokenizer
+from .preprocessors import resolve_tokenizer
 from .provenance import provenance, shareable_model_id
 
 
@@ -57,6 +50,10 @@ class BuildInputs:
         show_progress: progress bars while embedding prompts and synthesising prototypes.
         use_cache: take prompt embeddings from the prompt-embedding cache (``hf_clip_forget.core.prompt_cache``);
             ``False`` encodes every prompt of the build (neighbour search and tokenizer checks included) anew.
+        estimate_effect: estimate the edit's effect data-free (:mod:`hf_clip_forget.core.effect`), record it in
+            ``provenance["effect_estimate"]`` and warn (:class:`~.estimate.WeakEditWarning`) when an uncalibrated
+            domain-specific or text-side edit is predicted to change little; ``False`` (a rebuild that only
+            checks factors) skips both.
     """
 
     tokenizer: Any = None
@@ -66,6 +63,7 @@ class BuildInputs:
     batch_size: int = 256
     show_progress: bool = True
     use_cache: bool = True
+    estimate_effect: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,8 +77,13 @@ class BuiltAdapter:
 
 def build_adapter(model: nn.Module, config: ProjectionEditConfig, inputs: BuildInputs = BuildInputs()) -> BuiltAdapter:
     """Compute the adapter ``config`` describes on ``model`` (a transformers dual encoder, possibly holding other
-    forget layers, whose edits are bypassed while embedding). Raises before computing anything on bad input."""
+    forget layers, whose edits are bypassed while embedding). Raises before computing anything on bad input.
+
+    A config whose ``ccup_mu`` is ``None`` gets its paradigm's default (:func:`~hf_clip_forget.core.domains.
+    default_ccup_mu`), and the built config records the value used."""
     family_of(model)
+    if config.ccup_mu is None:
+        config = dataclasses.replace(config, ccup_mu=default_ccup_mu(config.paradigm))
     modules = target_projections(model, config)
     _check_request(config, inputs)
     with contextlib.nullcontext() if inputs.use_cache else prompt_cache_disabled():
@@ -96,19 +99,28 @@ def _build(model: nn.Module, config: ProjectionEditConfig, inputs: BuildInputs, 
         warn_about_poorly_tokenized_classes(
             tokenizer, [*config.forgotten_classes, *config.retain_classes], _all_templates(model, config)
         )
+    text_side = {name: family_of(model).is_text_side(name) for name in modules}
     with _edits_bypassed(model), torch.no_grad():
         config = with_neighbour_names(model, config, tokenizer, inputs.batch_size, inputs.show_progress)
-        embeddings = _Embedder(model, config, inputs, tokenizer).embeddings(modules)
-    family = family_of(model)
-    factors = {name: _module_factors(family.is_text_side(name), config, embeddings) for name in modules}
-    empty = [name for name, f in factors.items() if f.forget.shape[1] == 0]
-    if empty:
-        raise ValueError(
-            f"Nothing to forget: the edit of {empty} has rank 0 (every forget direction fell below "
-            f"rank_tolerance={config.rank_tolerance} or was kept). An adapter that changes nothing is refused; check "
-            "the classes, `rank_tolerance` (in (0, 1), default 1e-5) and `retain_classes`."
+        embedder = Embedder(model, config, inputs, tokenizer, projection_shape(model, family_of(model).text.module)[0])
+        embeddings = embedder.embeddings(modules)
+        factors = {name: _module_factors(text_side[name], config, embeddings) for name in modules}
+        empty = [name for name, f in factors.items() if f.forget.shape[1] == 0]
+        if empty:
+            raise ValueError(
+                f"Nothing to forget: the edit of {empty} has rank 0 (every forget direction fell below "
+                f"rank_tolerance={config.rank_tolerance} or was kept). An adapter that changes nothing is refused; "
+                "check the classes, `rank_tolerance` (in (0, 1), default 1e-5) and `retain_classes`."
+            )
+        effect = (
+            estimate_built_effect(embedder, embeddings, config, factors, text_side) if inputs.estimate_effect else None
         )
     filled = _filled_config(model, config, embeddings.templates, modules, factors)
+    if effect is not None:
+        filled = dataclasses.replace(
+            filled, provenance={**filled.provenance, "effect_estimate": effect_record(filled, effect)}
+        )
+        warn_if_weak(filled, effect, any(text_side.values()))
     return BuiltAdapter(filled, {name: (f.forget, f.retain) for name, f in factors.items()})
 
 
@@ -183,12 +195,12 @@ def _check_request(config: ProjectionEditConfig, inputs: BuildInputs) -> None:
             "`expand_neighbours` searches words near the forgotten class *names*; with `text_embeds` there are no "
             "names. Pass class names, or drop `expand_neighbours`."
         )
-    if (config.expand_neighbours or config.neighbour_names) and _domain_aware(config):
+    if (config.expand_neighbours or config.neighbour_names) and domain_aware(config):
         raise ValueError(
             "`expand_neighbours` forgets the neighbour words everywhere, which a domain-aware edit (domains, "
             "paradigm, prototypes) would contradict. Drop `expand_neighbours`, or forget globally."
         )
-    if _domain_aware(config) and from_vectors:
+    if domain_aware(config) and from_vectors:
         raise ValueError(
             "Domains and prototypes are built from class names; they cannot be combined with `text_embeds`. Pass "
             "class names, or drop the domain and prototype options."
@@ -204,12 +216,6 @@ def _check_request(config: ProjectionEditConfig, inputs: BuildInputs) -> None:
         raise ValueError(f"Unknown `prototype_options` {unknown}; accepted: {sorted(PROTOTYPE_OPTIONS)}.")
 
 
-def _domain_aware(config: ProjectionEditConfig) -> bool:
-    return bool(config.domains or config.retain_domains or config.paradigm != "global" or config.prototypes) or bool(
-        config.retain_prototypes
-    )
-
-
 def _needs_text_tower(model, config: ProjectionEditConfig, inputs: BuildInputs, modules: Sequence[str]) -> bool:
     return (
         inputs.text_embeds is None
@@ -219,102 +225,16 @@ def _needs_text_tower(model, config: ProjectionEditConfig, inputs: BuildInputs, 
 
 
 def _all_templates(model, config: ProjectionEditConfig) -> list[str]:
-    templates = resolve_templates(config.templates or family_of(model).default_templates)
+    templates = resolve_templates(
+        config.templates or family_of(model).templates_for(config.target_modules or "visual")
+    )
     return [
         *templates,
         *(t for domain in config.domains for t in templates_of_domain(domain, config.domain_templates)),
     ]
 
 
-@dataclass(frozen=True)
-class _Embeddings:
-    templates: list[str]
-    forget: Tensor
-    retain: Tensor | None
-    anchor: Tensor | None
-    neighbours: Tensor | None = None  # other names of the forgotten classes (expand_neighbours): not classes
-
-
-class _Embedder:
-    """Turns a config's classes (and domains, prototypes) into forget, retain and anchor embeddings."""
-
-    def __init__(self, model, config: ProjectionEditConfig, inputs: BuildInputs, tokenizer) -> None:
-        self.model, self.config, self.inputs, self.tokenizer = model, config, inputs, tokenizer
-        self.templates = resolve_templates(config.templates or family_of(model).default_templates)
-        self.dim = projection_shape(model, family_of(model).text.module)[0]
-
-    def embeddings(self, modules: Sequence[str]) -> _Embeddings:
-        config, inputs = self.config, self.inputs
-        if _domain_aware(config):
-            forget, retain = self._domain_cells()
-        else:
-            forget = (
-                _checked_rows(inputs.text_embeds, self.dim, "text_embeds")
-                if inputs.text_embeds is not None
-                else self._classes(config.forgotten_classes)
-            )
-            retain = None
-            if inputs.retain_text_embeds is not None:
-                retain = _checked_rows(inputs.retain_text_embeds, self.dim, "retain_text_embeds")
-            elif config.retain_classes:
-                retain = self._classes(config.retain_classes)
-        anchor = self._anchor() if family_of(self.model).text.module in modules else None
-        words = [word for names in config.neighbour_names.values() for word in names]
-        neighbours = self._classes(words) if words else None
-        return _Embeddings(self.templates, forget, retain, anchor, neighbours)
-
-    def _classes(self, names: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
-        return class_text_embeddings(
-            self.model, self.tokenizer, list(names), list(templates or self.templates),
-            self.config.average_templates, self.inputs.batch_size, self.inputs.show_progress,
-        ).embeddings  # fmt: skip
-
-    def _cells(self, cells: Sequence[DomainCell]) -> Tensor:
-        by_domain: dict[str | None, list[str]] = {}
-        for cell in cells:
-            by_domain.setdefault(cell.domain, []).append(cell.class_name)
-        return torch.cat(
-            [
-                self._classes(
-                    names, None if domain is None else templates_of_domain(domain, self.config.domain_templates)
-                )
-                for domain, names in by_domain.items()
-            ]
-        )
-
-    def _domain_cells(self) -> tuple[Tensor, Tensor | None]:
-        config = self.config
-        plan = plan_domain_edit(
-            config.forgotten_classes,
-            domains=config.domains,
-            retain_domains=config.retain_domains,
-            retain_classes=config.retain_classes or None,
-            paradigm=config.paradigm,
-        )
-        forget = self._cells(plan.forget)
-        retain = self._cells(plan.retain) if plan.retain else None
-        if config.retain_prototypes and retain is not None:
-            retain = torch.cat([retain, self._prototypes(retain, config.retain_prototypes)])
-        if config.prototypes:
-            forget = torch.cat([forget, self._prototypes(forget, config.prototypes)])
-        return forget, retain
-
-    def _prototypes(self, rows: Tensor, count: int) -> Tensor:
-        processor = resolve_image_processor(self.model, self.inputs.image_processor)
-        found = synthesize_prototypes(
-            self.model, rows, per_target=count, show_progress=self.inputs.show_progress,
-            **prototype_geometry(processor), **self.config.prototype_options,
-        )  # fmt: skip
-        return found.embeddings.to(rows.dtype)
-
-    def _anchor(self) -> Tensor:
-        # the bare templates ("a photo of a ."): where forgotten prompts are sent on the text side
-        bare = [template.format("") for template in self.templates]
-        anchor = normalize_rows(encode_prompts(self.model, self.tokenizer, bare, self.inputs.batch_size, False))
-        return normalize_rows(anchor.mean(dim=0, keepdim=True)) if self.config.average_templates else anchor
-
-
-def _module_factors(text_side: bool, config: ProjectionEditConfig, embeddings: _Embeddings) -> EditFactors:
+def _module_factors(text_side: bool, config: ProjectionEditConfig, embeddings: Embeddings) -> EditFactors:
     if text_side:
         return build_edit_factors(
             config.method, embeddings.forget, embeddings.retain, embeddings.anchor, rtol=config.rank_tolerance,
@@ -378,18 +298,3 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
-
-
-def _checked_rows(embeds, dim: int, argument: str) -> Tensor:
-    if not isinstance(embeds, Tensor):
-        raise TypeError(f"`{argument}` must be a torch.Tensor of shape (n, {dim}), got {type(embeds).__name__}.")
-    if embeds.ndim != 2 or embeds.shape[1] != dim or embeds.shape[0] == 0:
-        raise ValueError(
-            f"`{argument}` must have shape (n, {dim}) — one row per class in the model's {dim}-dimensional "
-            f"embedding space — got {tuple(embeds.shape)}."
-        )
-    if not torch.isfinite(embeds).all():
-        raise ValueError(f"`{argument}` contains NaN or inf values; every embedding must be finite.")
-    if (embeds.norm(dim=1) == 0).any():
-        raise ValueError(f"`{argument}` contains an all-zero row, which has no direction to forget.")
-    return normalize_rows(embeds)

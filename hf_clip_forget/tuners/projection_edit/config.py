@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
+from ...core.calibration import STRENGTH_FIELDS, check_calibration_record
 from ...core.domains import PARADIGMS
 from ...core.subspace import DEFAULT_RANK_TOLERANCE, EDIT_METHODS, check_alpha, check_nonnegative
 from .registration import PEFT_TYPE, SAVED_PEFT_TYPE
@@ -107,6 +108,11 @@ class ProjectionEditConfig(PeftConfig):
             Hub revision of the base model, when known.
         provenance (`dict`):
             Creation date and library versions.
+        calibration (`dict`):
+            How the strength was chosen, when it was (`hf_clip_forget.calibrate_forget_adapter`): the budget, every
+            strength tried with its validation numbers, the chosen one (equal to this config's `alpha`, or
+            `ccup_lambda`/`ccup_mu`), the accuracies before and after per class and per (domain, class) cell, and
+            the validation set's size and sha256 — never its images. Empty: not calibrated (the strength was given).
         verify_base_fingerprint (`bool`, defaults to `True`):
             Check `base_fingerprints` when the adapter is loaded. Pass `verify_base_fingerprint=False` to
             `from_pretrained` / `load_adapter` to apply an adapter to another base on purpose. Not saved.
@@ -193,6 +199,13 @@ class ProjectionEditConfig(PeftConfig):
     provenance: dict = field(
         default_factory=dict, metadata={"help": "When and with which library versions the adapter was built."}
     )
+    calibration: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "How the strength was chosen on a labelled validation set (budget, strengths tried, validation "
+            "numbers, the set's size and sha256; never images); empty: not calibrated."
+        },
+    )
     verify_base_fingerprint: bool = field(
         default=True,
         metadata={
@@ -240,6 +253,7 @@ class ProjectionEditConfig(PeftConfig):
             )
         self._check_shapes_and_ranks()
         self._check_neighbours()
+        self._check_calibration()
         if self.embedding_source not in ("class_names", "text_embeds"):
             raise ValueError(
                 f"`embedding_source` must be 'class_names' or 'text_embeds', got {self.embedding_source!r}."
@@ -276,6 +290,18 @@ class ProjectionEditConfig(PeftConfig):
         unknown = sorted(set(names) - set(self.forgotten_classes))
         if unknown:
             raise ValueError(f"`neighbour_names` names {unknown}, which are not among `forgotten_classes`.")
+
+    def _check_calibration(self) -> None:
+        """The calibration record comes from an untrusted file: check its layout, and that the strength it chose is
+        this config's (a card must not claim a calibration of another strength)."""
+        check_calibration_record(self.calibration, self.method)
+        if self.calibration:
+            configured = {name: float(getattr(self, name)) for name in STRENGTH_FIELDS[self.method]}
+            if {name: float(value) for name, value in self.calibration["chosen"].items()} != configured:
+                raise ValueError(
+                    f"`calibration` chose {self.calibration['chosen']}, but this config's strength is {configured}: "
+                    "the adapter config is corrupt or altered."
+                )
 
     def forget_names(self) -> list[str]:
         """The names whose directions are forgotten: the classes, then the neighbour words found for them."""
