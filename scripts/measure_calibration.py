@@ -204,7 +204,12 @@ def run_task(model, tokenizer, train, test, dataset: str, task: dict, protocol: 
     try:
         templates = list(edited.peft_config[report.adapter].templates)
         test_result = test_numbers(edited, tokenizer, test, report)
-        margin = margin_choice(report)
+        eval_classifier = {  # the chosen strength judged by the 80-template ensemble (as `hf-clip-forget eval` does)
+            split: {key: value for key, value in test_numbers(edited, tokenizer, data, report, None).items()
+                    if key != "per_cell"}
+            for split, data in (("validation", train), ("test", test))
+        }  # fmt: skip
+        margin = margin_choice(report)  # from here on the adapter holds other strengths than the chosen one
         margin_row = None
         if margin is not None:
             if margin.strength != report.chosen.strength:
@@ -217,11 +222,6 @@ def run_task(model, tokenizer, train, test, dataset: str, task: dict, protocol: 
                 "validation_retain_drop": margin.retain_drop,
                 "test": {key: value for key, value in margin_test.items() if key != "per_cell"},
             }  # fmt: skip
-        eval_classifier = {  # the chosen strength judged by the 80-template ensemble (as `hf-clip-forget eval` does)
-            split: {key: value for key, value in test_numbers(edited, tokenizer, data, report, None).items()
-                    if key != "per_cell"}
-            for split, data in (("validation", train), ("test", test))
-        }  # fmt: skip
         curve = [
             {**c.to_dict(report.budget), "test": t}
             for c, t in zip(report.candidates, test_curve(edited, tokenizer, test, report), strict=True)

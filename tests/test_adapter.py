@@ -95,8 +95,8 @@ def test_an_image_side_ccup_edit_gives_images_the_logits_of_the_edited_text_dire
     are those of M T_f ≈ 0 and the retained ones those of M T_r ≈ T_r, for every image."""
     base = make_model()
     retain = ["bird", "frog", "ship", "truck"]
-    forget_dirs = class_embeddings(base, tokenizer, FORGET).double()
-    retain_dirs = class_embeddings(base, tokenizer, retain).double()
+    forget_dirs = class_embeddings(base, tokenizer, FORGET, retain_named=True).double()
+    retain_dirs = class_embeddings(base, tokenizer, retain, retain_named=True).double()
     before = image_features(base, pixels).double()
     model = forget(base, tokenizer, method="ccup", retain_classes=retain, keep_shared_direction=False)
     m = model.base_model.model.visual_projection.combined_edit(["default"]).matrix().double().T
@@ -125,8 +125,8 @@ def test_keeping_the_shared_direction_removes_only_what_is_specific_to_the_forgo
 ):
     base = make_model()
     retain = ["bird", "frog", "ship", "truck"]
-    forget_dirs = class_embeddings(base, tokenizer, FORGET).double()
-    shared = _shared_direction(forget_dirs, class_embeddings(base, tokenizer, retain))
+    forget_dirs = class_embeddings(base, tokenizer, FORGET, retain_named=True).double()
+    shared = _shared_direction(forget_dirs, class_embeddings(base, tokenizer, retain, retain_named=True))
     specific = forget_dirs - (forget_dirs @ shared)[:, None] * shared[None]  # t_f − (t_f·s) s
     before = image_features(base, pixels).double()
     model = forget(base, tokenizer, retain_classes=retain)
@@ -150,8 +150,8 @@ def test_keeping_the_shared_direction_removes_only_what_is_specific_to_the_forgo
 def test_ccup_with_the_shared_direction_kept_is_the_optimum_of_its_objective(make_model, tokenizer):
     base = make_model()
     retain = ["bird", "frog", "ship", "truck"]
-    forget_dirs = class_embeddings(base, tokenizer, FORGET).double()
-    retain_dirs = class_embeddings(base, tokenizer, retain).double()
+    forget_dirs = class_embeddings(base, tokenizer, FORGET, retain_named=True).double()
+    retain_dirs = class_embeddings(base, tokenizer, retain, retain_named=True).double()
     shared = _shared_direction(forget_dirs, retain_dirs)
     specific = torch.nn.functional.normalize(forget_dirs - (forget_dirs @ shared)[:, None] * shared[None], dim=-1)
     kept = torch.cat([retain_dirs, shared[None]])

@@ -50,7 +50,7 @@ def test_neighbour_words_do_not_move_the_shared_direction(word_tokenizer):
     """The direction all *classes* share is kept; other names of a forgotten class are not classes and must not
     tilt it towards that class (which kept most of the class: measured on PACS, dog was no longer forgotten)."""
     retain = ["dog", "car", "ship"]
-    model = add_forget_adapter(tiny_clip(), ["cat"], word_tokenizer, retain_classes=retain, expand_neighbours=3,
+    model = add_forget_adapter(tiny_clip(), ["cat"], word_tokenizer, retain_classes=retain, expand_neighbours=3, templates="imagenet",
                                show_progress=False)  # fmt: skip
     shared = shared_direction(embeddings(tiny_clip(), word_tokenizer, ["cat", *retain])).float()
     edit = model.get_base_model().visual_projection.combined_edit(["default"])

@@ -302,8 +302,9 @@ def test_a_repeated_edit_encodes_no_prompt_and_builds_the_same_factors(cache_dir
         model = tiny_model("CLIPModel")
         with text_rows(model) as rows:
             edited = add_forget_adapter(
-                model, ["cat"], tokenizer, retain_classes=["dog", "car"], target="both", show_progress=False, **options
-            )
+                model, ["cat"], tokenizer, retain_classes=["dog", "car"], target="both", templates="imagenet",
+                show_progress=False, **options,
+            )  # fmt: skip
         return edited.base_model.forget_layers(), sum(rows)
 
     uncached, rows = build(use_cache=False)
