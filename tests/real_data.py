@@ -25,3 +25,18 @@ def stratified_pacs(per_cell: int):
             taken[cell] = taken.get(cell, 0) + 1
             indices.append(index)
     return dataset.select(indices)
+
+
+def demo_model_on_pacs(per_cell: int):
+    """``(model, tokenizer, features, class text embeddings)``: the demo model, the image features of
+    :func:`stratified_pacs` ``(per_cell)`` and the 80-template class embeddings of its classes."""
+    import torch
+
+    from hf_clip_forget.evaluation import class_embeddings, embed_images
+    from hf_clip_forget.models.demo import load_demo_model
+
+    model, processor = load_demo_model()
+    with torch.no_grad():
+        features = embed_images(model, stratified_pacs(per_cell), processor.image_processor, show_progress=False)
+        text = class_embeddings(model, processor.tokenizer, features.class_names, show_progress=False)
+    return model, processor.tokenizer, features, text

@@ -15,7 +15,7 @@ from hf_clip_forget.core.effect import WEAK_MARGIN_KEPT, Probes, estimate_edit_e
 from hf_clip_forget.testing_utils import tiny_clip
 from hf_clip_forget.tuners.projection_edit.estimate import WeakEditWarning
 
-from .real_data import needs_pacs, stratified_pacs
+from .real_data import demo_model_on_pacs, needs_pacs
 
 
 def _unit(*rows):
@@ -158,14 +158,7 @@ PER_CELL = 12  # images per (domain, class): 336 images
 
 @pytest.fixture(scope="module")
 def pacs():
-    from hf_clip_forget.evaluation import class_embeddings, embed_images
-    from hf_clip_forget.models.demo import load_demo_model
-
-    model, processor = load_demo_model()
-    with torch.no_grad():
-        features = embed_images(model, stratified_pacs(PER_CELL), processor.image_processor, show_progress=False)
-        text = class_embeddings(model, processor.tokenizer, features.class_names, show_progress=False)
-    return model, processor.tokenizer, features, text
+    return demo_model_on_pacs(PER_CELL)
 
 
 def _sketch_dog(model, features, text) -> float:

@@ -10,15 +10,12 @@ import torch
 
 from hf_clip_forget import add_forget_adapter
 from hf_clip_forget.evaluation import (
-    class_embeddings,
-    embed_images,
     project_image_features,
     score_predictions,
     zero_shot_logits,
 )
-from hf_clip_forget.models.demo import load_demo_model
 
-from .real_data import needs_pacs, stratified_pacs
+from .real_data import demo_model_on_pacs, needs_pacs
 
 
 PER_CELL = 6  # images per (domain, class): 168 images, ~15 s of feature extraction on a 2-core CPU
@@ -29,11 +26,7 @@ pytestmark = needs_pacs
 @pytest.fixture(scope="module")
 def pacs():
     """``(model, tokenizer, features, class text embeddings)`` of the demo model on the PACS sample."""
-    model, processor = load_demo_model()
-    with torch.no_grad():
-        features = embed_images(model, stratified_pacs(PER_CELL), processor.image_processor, show_progress=False)
-        text = class_embeddings(model, processor.tokenizer, features.class_names, show_progress=False)
-    return model, processor.tokenizer, features, text
+    return demo_model_on_pacs(PER_CELL)
 
 
 def accuracies(model, features, text, forget):
