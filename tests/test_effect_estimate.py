@@ -109,6 +109,34 @@ def test_a_build_records_its_estimate_with_the_strength_it_was_computed_for(toke
     assert reloaded.peft_config["default"].provenance["effect_estimate"] == record
 
 
+@pytest.mark.parametrize(
+    ("options", "estimated"),
+    [
+        ({}, False),  # global, image side: the edit removes the forgotten prompts' span; no extra prompts paid
+        ({"target": "text"}, True),
+        ({"domains": ["sketch"], "retain_domains": ["photo"], "retain_classes": ["cat"]}, True),
+    ],
+)
+def test_only_edits_that_can_be_weak_pay_for_an_estimate(tokenizer, options, estimated):
+    """Issue 13: the estimate encodes 20 held-out prompts per forgotten class; a first global image-side edit must not
+    pay them for an estimate that can never warn."""
+    from hf_clip_forget.core import HELD_OUT_TEMPLATES
+    from hf_clip_forget.core.prompt_cache import prompt_cache_disabled
+
+    model, prompts = tiny_clip(), []
+
+    def count(module, args, kwargs, output):
+        prompts.append(len(kwargs["input_ids"] if "input_ids" in kwargs else args[0]))
+
+    model.text_model.register_forward_hook(count, with_kwargs=True)
+    with warnings.catch_warnings(), prompt_cache_disabled():
+        warnings.simplefilter("ignore", WeakEditWarning)
+        edited = add_forget_adapter(model, ["dog"], tokenizer, templates="single", show_progress=False, **options)
+    assert ("effect_estimate" in edited.peft_config["default"].provenance) is estimated
+    if "domains" not in options:  # a plain cell is probed by the held-out paraphrases (a domain cell by its prompts)
+        assert (sum(prompts) > len(HELD_OUT_TEMPLATES)) is estimated
+
+
 def test_the_card_line_states_the_estimate_and_never_a_stale_one(tokenizer):
     import dataclasses
 

@@ -176,6 +176,26 @@ def test_a_tokenizer_that_tokenizes_unlike_the_checkpoints_own_is_refused(checkp
     add_forget_adapter(model, ["dog"], tiny_tokenizer(), show_progress=False)  # the checkpoint's own: accepted
 
 
+def test_the_checkpoint_comparison_runs_the_text_tower_only_when_the_token_ids_differ(checkpoint):
+    """Issue 13: the comparison is part of every first edit. The checkpoint's own tokenizer (loaded from it, or
+    tokenizing the probe alike) needs no probe embedding; a tokenizer with other ids is still embedded and refused."""
+    from transformers import AutoTokenizer
+
+    from hf_clip_forget.core.prompt_cache import prompt_cache_disabled
+    from hf_clip_forget.core.tokenizer_checks import check_tokenizer_matches_model
+
+    model = load(checkpoint)
+    calls = []
+    model.text_model.register_forward_hook(lambda *_: calls.append(1))
+    with prompt_cache_disabled():
+        check_tokenizer_matches_model(model, AutoTokenizer.from_pretrained(checkpoint))  # loaded from it
+        check_tokenizer_matches_model(model, tiny_tokenizer())  # another object, the same ids
+        assert calls == []
+        with pytest.raises(ValueError, match="does not tokenize like"):
+            check_tokenizer_matches_model(model, tiny_tokenizer(extra_words=["aardvark", "abacus", "abbey"]))
+    assert len(calls) == 2  # the probe through the given tokenizer and through the checkpoint's
+
+
 def test_class_names_the_tokenizer_does_not_know_or_truncates_are_warned_about_by_name(tokenizer):
     with pytest.warns(UserWarning, match="'xyzzy' is mostly unknown"):
         add_forget_adapter(tiny_clip(), ["xyzzy"], tokenizer, templates="single", show_progress=False)

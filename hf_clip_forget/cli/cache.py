@@ -45,15 +45,19 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes:.1f} GiB"
 
 
+def _prompts(count: int) -> str:
+    return f"{count} prompt" + ("" if count == 1 else "s")
+
+
 def command_cache_info(args) -> int:
     """Print each cache's folder, entries and total size; exit 0."""
     entries = prompt_cache_info()
     total = sum(entry.size for entry in entries)
     prompts = sum(entry.prompts or 0 for entry in entries)
     print(f"prompt embeddings: {prompt_cache_dir()}")
-    print(f"  {_entries(len(entries))}, {prompts} prompts, {_size(total)}")
+    print(f"  {_entries(len(entries))}, {_prompts(prompts)}, {_size(total)}")
     for entry in entries:
-        shape = "unreadable" if entry.prompts is None else f"{entry.prompts} prompts × {entry.dim}"
+        shape = "unreadable" if entry.prompts is None else f"{_prompts(entry.prompts)} × {entry.dim}"
         print(f"  {os.path.basename(entry.path)}  {shape}  {_size(entry.size)}")
     files = _feature_files(_features_dir())
     print(f"image features: {_features_dir()}")

@@ -56,8 +56,14 @@ def _check_pooling_token(model, tokenizer) -> None:
 
 
 def _check_against_checkpoint_tokenizer(model, tokenizer) -> None:
+    """Compare ``tokenizer`` with the one saved with the model's checkpoint: nothing to compare when ``tokenizer`` was
+    loaded from that checkpoint itself; equal token ids for the probe mean equal embeddings (the same model reads
+    them); only different ids need the probe embedded through both."""
+    source = getattr(model, "name_or_path", None)
+    if source and getattr(tokenizer, "name_or_path", None) == source:
+        return
     own = _checkpoint_tokenizer(model)
-    if own is None:
+    if own is None or _same_probe_ids(tokenizer, own):
         return
     with torch.no_grad():
         given = encode_prompts(model, tokenizer, [PROBE_PROMPT], show_progress=False)
@@ -69,6 +75,14 @@ def _check_against_checkpoint_tokenizer(model, tokenizer) -> None:
             f"{PROBE_PROMPT!r} embeds differently (cosine distance {distance:.3g}), so the edit would remove the "
             "wrong directions. Pass the checkpoint's own tokenizer (or none: it is loaded from the checkpoint)."
         )
+
+
+def _same_probe_ids(tokenizer, own) -> bool:
+    try:
+        given, expected = tokenizer(PROBE_PROMPT), own(PROBE_PROMPT)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot be called this way is compared by its embeddings
+        return False
+    return all(list(given.get(key, [])) == list(expected.get(key, [])) for key in ("input_ids", "attention_mask"))
 
 
 #: Checkpoint tokenizers loaded in this process, by source and the state of its tokenizer files: loading one takes

@@ -27,7 +27,7 @@ from ...core.tokenizer_checks import check_tokenizer_matches_model, warn_about_p
 from ...families import family_of
 from .config import ProjectionEditConfig
 from .embedder import Embedder, Embeddings, domain_aware
-from .estimate import effect_record, estimate_built_effect, warn_if_weak
+from .estimate import effect_record, estimate_built_effect, may_be_weak, warn_if_weak
 from .layer import ProjectionEditLayer
 from .neighbours import with_neighbour_names
 from .preprocessors import resolve_tokenizer
@@ -50,10 +50,12 @@ class BuildInputs:
         show_progress: progress bars while embedding prompts and synthesising prototypes.
         use_cache: take prompt embeddings from the prompt-embedding cache (``hf_clip_forget.core.prompt_cache``);
             ``False`` encodes every prompt of the build (neighbour search and tokenizer checks included) anew.
-        estimate_effect: estimate the edit's effect data-free (:mod:`hf_clip_forget.core.effect`), record it in
-            ``provenance["effect_estimate"]`` and warn (:class:`~.estimate.WeakEditWarning`) when an uncalibrated
-            domain-specific or text-side edit is predicted to change little; ``False`` (a rebuild that only
-            checks factors) skips both.
+        estimate_effect: for an uncalibrated domain-specific or text-side edit (the kinds whose effect the
+            directions alone do not settle), estimate the effect data-free (:mod:`hf_clip_forget.core.effect`), record
+            it in ``provenance["effect_estimate"]`` and warn (:class:`~.estimate.WeakEditWarning`) when it is
+            predicted to change little; ``False`` (a rebuild that only checks factors) skips both. A global
+            image-side edit removes the forgotten prompts' span itself and gets no estimate (its 20 extra prompts
+            per class would double a first edit's cost).
     """
 
     tokenizer: Any = None
@@ -112,9 +114,8 @@ def _build(model: nn.Module, config: ProjectionEditConfig, inputs: BuildInputs, 
                 f"rank_tolerance={config.rank_tolerance} or was kept). An adapter that changes nothing is refused; "
                 "check the classes, `rank_tolerance` (in (0, 1), default 1e-5) and `retain_classes`."
             )
-        effect = (
-            estimate_built_effect(embedder, embeddings, config, factors, text_side) if inputs.estimate_effect else None
-        )
+        estimate = inputs.estimate_effect and may_be_weak(config, any(text_side.values()))
+        effect = estimate_built_effect(embedder, embeddings, config, factors, text_side) if estimate else None
     filled = _filled_config(model, config, embeddings.templates, modules, factors)
     if effect is not None:
         filled = dataclasses.replace(

@@ -121,12 +121,17 @@ def effect_record(config: ProjectionEditConfig, effect: EditEffect) -> dict:
     return {**effect.to_dict(), "strength": strength}
 
 
+def may_be_weak(config: ProjectionEditConfig, text_side: bool) -> bool:
+    """Whether an edit of this kind can be predicted to change little, so that estimating it is worth its prompts:
+    an uncalibrated domain-specific or text-side edit. A global image-side edit removes the span of the forgotten
+    prompts from every image (measured in docs/forgetting.md); a calibrated edit was measured on images."""
+    return not getattr(config, "calibration", None) and (config.paradigm != "global" or text_side)
+
+
 def warn_if_weak(config: ProjectionEditConfig, effect: EditEffect | None, text_side: bool) -> None:
     """Warn (:class:`WeakEditWarning`) when an uncalibrated domain-specific or text-side edit is predicted to change
     little; say the predicted numbers and the fixes."""
-    if effect is None or not effect.is_weak or getattr(config, "calibration", None):
-        return
-    if config.paradigm == "global" and not text_side:
+    if effect is None or not effect.is_weak or not may_be_weak(config, text_side):
         return
     where = f" in {config.domains}" if config.paradigm != "global" else ""
     strength = f"α = {config.alpha:g}" if config.method == "nullspace" else f"CCUP μ = {config.ccup_mu:g}"
