@@ -13,10 +13,12 @@ its features from the image-feature cache under the same key as ``measure_templa
 what the other did). Each task is one public call, ``calibrate_forget_adapter(model, classes, tokenizer,
 data=<train features>, budget=…, method=…, [domains=…, retain_domains=…, paradigm="domain"])``: the features
 are given precomputed, so no image is embedded during a calibration. The calibrated adapter is then evaluated by the
-harness on the **test** split (``cached_image_features``): ``class_embeddings`` with the adapter's templates (the
-classifier the calibration used), ``project_image_features``, ``zero_shot_logits``, ``score_predictions``; "before"
-is the same model with its edit bypassed. The forget / kept images of a test split are chosen by the same rule as
-on the validation data (``hf_clip_forget.calibration.data.groups``).
+harness on the **test** split (``cached_image_features``): ``class_embeddings`` with the harness's default
+templates (the 80-template ensemble: the classifier the calibration judged with, and ``hf-clip-forget eval``'s),
+``project_image_features``, ``zero_shot_logits``, ``score_predictions``; "before" is the same model with its edit
+bypassed. The forget / kept images of a test split are chosen by the same rule as on the validation data
+(``hf_clip_forget.calibration.data.groups``), and the retain drop is the one the budget bounds (for a domain edit the
+larger of the kept classes' and the forgotten class's in the kept domains, ``kept_groups``).
 
     python scripts/measure_calibration.py --data-dir ../shared/data --json docs/calibration.json
     python scripts/measure_calibration.py --data-dir ../shared/data --protocol test-halves \\
@@ -45,7 +47,7 @@ from measure_forgetting import DATASETS, forget_sets  # noqa: E402
 from measure_templates import stratified_sample  # noqa: E402
 
 from hf_clip_forget.calibration import calibrate_forget_adapter, read_validation_data  # noqa: E402
-from hf_clip_forget.calibration.data import CalibrationRequest, groups  # noqa: E402
+from hf_clip_forget.calibration.data import CalibrationRequest, groups, kept_groups  # noqa: E402
 from hf_clip_forget.calibration.search import set_strength  # noqa: E402
 from hf_clip_forget.cli import cached_image_features, load_dual_encoder  # noqa: E402
 from hf_clip_forget.cli.loading import load_data  # noqa: E402
@@ -120,37 +122,43 @@ def tasks(names: list[str], dataset: str, draws: int, seed: int) -> list[dict]:
 
 
 @torch.no_grad()
-def predict(model, tokenizer, features, templates) -> torch.Tensor:
-    """``(n,)`` the harness's zero-shot prediction (class index) of each image, among all the data's classes."""
-    text = class_embeddings(model, tokenizer, list(features.class_names), templates, show_progress=False)
-    predictions = zero_shot_logits(project_image_features(model, features), text).argmax(dim=-1)
-    return predictions
+def predictions(model, tokenizer, features, text=None) -> torch.Tensor:
+    """``(n,)`` the harness's zero-shot prediction (class index) among all the data's classes, by the classifier
+    calibration judges with by default (the harness's: the 80-template ensemble, as ``hf-clip-forget eval``)."""
+    if text is None:
+        text = class_embeddings(model, tokenizer, list(features.class_names), show_progress=False)
+    return zero_shot_logits(project_image_features(model, features), text).argmax(dim=-1)
 
 
-def test_numbers(edited, tokenizer, test, report, templates: list[str] | None | str = "adapter") -> dict:
-    """Forget / kept accuracy on the test split, before (edit bypassed) and after, grouped as on validation; the
-    classifier's templates: the adapter's (``"adapter"``: what the calibration judged with), or ``None`` (the
-    harness default, the 80-template ensemble that ``hf-clip-forget eval`` uses)."""
-    if templates == "adapter":
-        templates = edited.peft_config[report.adapter].templates
-    after = predict(edited, tokenizer, test, templates)
-    with edited.base_model.edits_bypassed():
-        before = predict(edited, tokenizer, test, templates)
+def scores(before: torch.Tensor, after: torch.Tensor, report, data: ImageFeatures) -> dict:
+    """Forget / kept accuracy before and after, grouped as on validation, and the retain drop as the budget bounds it
+    (for a domain edit the larger drop of its two kept groups, ``hf_clip_forget.calibration.data.kept_groups``)."""
     request = CalibrationRequest(report.classes, report.retain_classes, report.domains, report.retain_domains,
                                  report.paradigm)  # fmt: skip
-    forget, kept = groups(request, read_validation_data(test))
-    harness = {when: score_predictions(p, test, list(report.classes)) for when, p in (("before", before),
-                                                                                       ("after", after))}  # fmt: skip
-    ok_before, ok_after = before == test.labels, after == test.labels
+    validation = read_validation_data(data)
+    forget, kept = groups(request, validation)
+    drops = {name: masked_accuracy(before, mask) - masked_accuracy(after, mask)
+             for name, mask in kept_groups(request, validation).items()}  # fmt: skip
     numbers = {
         "forget_images": int(forget.sum()), "kept_images": int(kept.sum()),
-        "forget_before": masked_accuracy(ok_before, forget), "forget_after": masked_accuracy(ok_after, forget),
-        "kept_before": masked_accuracy(ok_before, kept), "kept_after": masked_accuracy(ok_after, kept),
+        "forget_before": masked_accuracy(before, forget), "forget_after": masked_accuracy(after, forget),
+        "kept_before": masked_accuracy(before, kept), "kept_after": masked_accuracy(after, kept),
+        "retain_drop": max(drops.values()), "group_drops": drops,
     }  # fmt: skip
-    numbers["retain_drop"] = numbers["kept_before"] - numbers["kept_after"]
     numbers["budget_met"] = numbers["forget_after"] <= report.budget.max_forget + 1e-9 and (
         numbers["retain_drop"] <= report.budget.max_retain_drop + 1e-9
     )
+    return numbers
+
+
+def test_numbers(edited, tokenizer, test, report) -> dict:
+    """:func:`scores` of the adapter as written on the test split, with the harness's per-(domain, class) cells."""
+    after = predictions(edited, tokenizer, test)
+    with edited.base_model.edits_bypassed():
+        before = predictions(edited, tokenizer, test)
+    numbers = scores(before == test.labels, after == test.labels, report, test)
+    harness = {when: score_predictions(p, test, list(report.classes)) for when, p in (("before", before),
+                                                                                       ("after", after))}  # fmt: skip
     if report.paradigm == "global":  # the harness's own retain accuracy is the kept accuracy here: check it
         assert abs(harness["after"].retain_accuracy - numbers["kept_after"]) < 1e-9
     numbers["per_cell"] = {
@@ -161,36 +169,20 @@ def test_numbers(edited, tokenizer, test, report, templates: list[str] | None | 
 
 
 def test_curve(edited, tokenizer, test, report) -> list[dict]:
-    """Every candidate strength's forget / kept accuracy and retain drop on the test split (to compare choice rules;
-    the class embeddings are computed once when the edit is image-side, as the calibration does)."""
-    templates = edited.peft_config[report.adapter].templates
-    request = CalibrationRequest(report.classes, report.retain_classes, report.domains, report.retain_domains,
-                                 report.paradigm)  # fmt: skip
-    forget, kept = groups(request, read_validation_data(test))
+    """Every candidate strength's numbers on the test split (the class embeddings computed once when the edit is
+    image-side, as the calibration does)."""
     with edited.base_model.edits_bypassed():
-        kept_before = masked_accuracy(predict(edited, tokenizer, test, templates) == test.labels, kept)
+        before = predictions(edited, tokenizer, test) == test.labels
     edits_text = any(not layer.image_side and report.adapter in layer.projection_edit_settings
                      for layer in edited.base_model.forget_layers().values())  # fmt: skip
-    names = list(test.class_names)
-    text = class_embeddings(edited, tokenizer, names, templates, show_progress=False)
+    text = class_embeddings(edited, tokenizer, list(test.class_names), show_progress=False)
     curve = []
     for candidate in report.candidates:
         set_strength(edited, report.adapter, candidate.strength, calibration={})  # a candidate, not the choice
-        if edits_text:
-            text = class_embeddings(edited, tokenizer, names, templates, show_progress=False)
-        correct = zero_shot_logits(project_image_features(edited, test), text).argmax(dim=-1) == test.labels
-        kept_after = masked_accuracy(correct, kept)
-        curve.append({"strength": dict(candidate.strength), "forget_after": masked_accuracy(correct, forget),
-                      "kept_after": kept_after, "retain_drop": kept_before - kept_after})  # fmt: skip
+        after = predictions(edited, tokenizer, test, None if edits_text else text) == test.labels
+        curve.append({"strength": dict(candidate.strength),
+                      **{k: v for k, v in scores(before, after, report, test).items() if k != "group_drops"}})  # fmt: skip
     return curve
-
-
-def margin_choice(report):
-    """An alternative rule, for comparison: among the strengths meeting the budget on validation, the lowest forget
-    accuracy (ties: the least retain drop, then the strongest) — a margin below the forget bound instead of the
-    weakest strength at it. ``None`` when no strength meets the budget (both rules then choose alike)."""
-    met = [c for c in report.candidates if c.meets(report.budget)]
-    return min(met, key=lambda c: (c.forget_accuracy, c.retain_drop, -c.order)) if met else None
 
 
 def run_task(model, tokenizer, train, test, dataset: str, task: dict, protocol: str) -> dict:
@@ -204,24 +196,7 @@ def run_task(model, tokenizer, train, test, dataset: str, task: dict, protocol: 
     try:
         templates = list(edited.peft_config[report.adapter].templates)
         test_result = test_numbers(edited, tokenizer, test, report)
-        eval_classifier = {  # the chosen strength judged by the 80-template ensemble (as `hf-clip-forget eval` does)
-            split: {key: value for key, value in test_numbers(edited, tokenizer, data, report, None).items()
-                    if key != "per_cell"}
-            for split, data in (("validation", train), ("test", test))
-        }  # fmt: skip
-        margin = margin_choice(report)  # from here on the adapter holds other strengths than the chosen one
-        margin_row = None
-        if margin is not None:
-            if margin.strength != report.chosen.strength:
-                set_strength(edited, report.adapter, margin.strength, calibration={})  # no longer the chosen one
-                margin_test = test_numbers(edited, tokenizer, test, report)
-            else:
-                margin_test = test_result
-            margin_row = {
-                "strength": dict(margin.strength), "validation_forget_after": margin.forget_accuracy,
-                "validation_retain_drop": margin.retain_drop,
-                "test": {key: value for key, value in margin_test.items() if key != "per_cell"},
-            }  # fmt: skip
+        # from here on the adapter holds other strengths than the chosen one
         curve = [
             {**c.to_dict(report.budget), "test": t}
             for c, t in zip(report.candidates, test_curve(edited, tokenizer, test, report), strict=True)
@@ -235,7 +210,7 @@ def run_task(model, tokenizer, train, test, dataset: str, task: dict, protocol: 
         "kept_images": report.validation.kept_images,
         "forget_before": report.forget_accuracy.before, "forget_after": report.forget_accuracy.after,
         "kept_before": report.kept_accuracy.before, "kept_after": report.kept_accuracy.after,
-        "retain_drop": report.retain_drop, "budget_met": report.budget_met,
+        "retain_drop": report.retain_drop, "drop_group": report.chosen.drop_group, "budget_met": report.budget_met,
     }  # fmt: skip
     return {
         "protocol": protocol, "dataset": dataset, "kind": task["kind"], "classes": list(report.classes),
@@ -245,9 +220,8 @@ def run_task(model, tokenizer, train, test, dataset: str, task: dict, protocol: 
         "validation": validation, "test": test_result,
         "gap": {"forget_after": test_result["forget_after"] - validation["forget_after"],
                 "retain_drop": test_result["retain_drop"] - validation["retain_drop"]},
-        "templates": templates, "eval_classifier": eval_classifier,
-        "margin_rule": margin_row, "calibration_seconds": report.seconds, "task_seconds": seconds,
-        "curve": curve,
+        "templates": templates, "classifier": report.classifier,
+        "calibration_seconds": report.seconds, "task_seconds": seconds, "curve": curve,
     }  # fmt: skip
 
 
@@ -274,7 +248,7 @@ def print_rows(rows: list[dict], header: bool = True) -> None:
 
 
 def print_summary(rows: list[dict]) -> None:
-    """Per protocol and kind: how many tasks meet the budget on validation, on test, and on test by the margin rule."""
+    """Per protocol and kind: how many tasks meet the budget on validation and, of these, on test."""
     for protocol in ("train-sample", "test-halves"):
         for kind in ("global", "domain"):
             chosen = [r for r in rows if (r["protocol"], r["kind"]) == (protocol, kind)]
@@ -282,12 +256,10 @@ def print_summary(rows: list[dict]) -> None:
                 continue
             met = [r for r in chosen if r["validation"]["budget_met"]]
             test_met = sum(r["test"]["budget_met"] for r in met)
-            margin_met = sum(r["margin_rule"]["test"]["budget_met"] for r in met)
-            eval_met = sum(r["eval_classifier"]["test"]["budget_met"] for r in met)
             gaps = [100 * r["gap"]["forget_after"] for r in chosen]
             print(f"{protocol:<13} {kind:<7} tasks {len(chosen):>2}, budget met on validation {len(met):>2}; of these "
-                  f"met on test: {test_met} (margin rule: {margin_met}; judged with 80 templates: {eval_met}); "
-                  f"forget gap (test − val): mean {sum(gaps) / len(gaps):+.1f}, max {max(gaps):+.1f}")  # fmt: skip
+                  f"met on test: {test_met}; forget gap (test − val): mean {sum(gaps) / len(gaps):+.1f}, "
+                  f"max {max(gaps):+.1f}")  # fmt: skip
 
 
 def plot(rows: list[dict], path: str) -> None:

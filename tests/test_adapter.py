@@ -235,7 +235,7 @@ def test_save_and_load_give_identical_outputs(make_model, tokenizer, pixels, tmp
 def test_saved_config_says_what_it_forgets(tokenizer, tmp_path):
     from hf_clip_forget.testing_utils import tiny_clip
 
-    model = forget(tiny_clip(), tokenizer, method="ccup", retain_classes=["bird"], templates="single", alpha=1.0)
+    model = forget(tiny_clip(), tokenizer, method="ccup", retain_classes=["bird"], templates="single")
     model.save_pretrained(tmp_path)
     config = ProjectionEditConfig.from_pretrained(tmp_path)
     assert config.forgotten_classes == FORGET and config.retain_classes == ["bird"]

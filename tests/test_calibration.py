@@ -4,6 +4,7 @@ is touched."""
 
 import dataclasses
 import json
+import math
 
 import datasets
 import numpy as np
@@ -15,7 +16,13 @@ from PIL import Image
 from hf_clip_forget import ForgetPeftModel, add_forget_adapter, calibrate_forget_adapter
 from hf_clip_forget.calibration import CalibrationReport, CalibrationSearch, read_validation_data
 from hf_clip_forget.core import class_text_embeddings, normalize_rows
-from hf_clip_forget.core.calibration import CalibrationBudget, Candidate, check_calibration_record, choose_candidate
+from hf_clip_forget.core.calibration import (
+    CalibrationBudget,
+    Candidate,
+    check_calibration_record,
+    choose_candidate,
+    drop_difference_se,
+)
 from hf_clip_forget.evaluation import ImageFeatures, evaluate_zero_shot, image_representation
 from hf_clip_forget.testing_utils import tiny_clip, tiny_image_processor
 from hf_clip_forget.tuners.projection_edit import ProjectionEditLayer
@@ -63,7 +70,9 @@ def expected(alpha: float) -> tuple[float, float]:
 def calibrate_constructed(tokenizer, **options):
     model = tiny_clip()
     data = constructed_features(model, tokenizer)
-    options = {"budget": BUDGET, "templates": "single", "keep_shared_direction": False, **options}
+    # the geometry is that of the one-template classifier: judge with it
+    options = {"budget": BUDGET, "templates": "single", "eval_templates": "single", "keep_shared_direction": False,
+               **options}  # fmt: skip
     return calibrate_forget_adapter(model, ["cat"], tokenizer, data=data, show_progress=False, **options), data
 
 
@@ -125,6 +134,41 @@ def test_the_choice_rules(candidates, rule, chosen):
     assert how == rule and picked.strength["alpha"] == chosen
 
 
+def _correct(flips: int, images: int = 400) -> torch.Tensor:
+    """Per-image correctness on the kept images after an edit that misclassifies the first ``flips`` of them."""
+    return torch.arange(images) >= flips
+
+
+def test_drops_the_validation_set_cannot_tell_apart_tie_and_the_lowest_forget_accuracy_wins():
+    """A drop one kept image larger is within 1.96 paired standard errors of the difference (≈ 1/400 on 400
+    images): the stronger strength, which forgets more, is chosen. Eight images larger is significant: the least drop
+    wins."""
+    budget = CalibrationBudget(max_forget=0.02, max_retain_drop=0.05)
+    weak = Candidate({"alpha": 0.8}, 0.02, 0.9, 0.0, "kept", _correct(0))
+    one_more = Candidate({"alpha": 0.9}, 0.0, 0.9 - 1 / 400, 1 / 400, "kept", _correct(1))
+    eight_more = Candidate({"alpha": 1.0}, 0.0, 0.9 - 8 / 400, 8 / 400, "kept", _correct(8))
+    assert drop_difference_se(one_more, weak) == pytest.approx(math.sqrt(1 / 400 - 1 / 400**2) / 20)
+    assert choose_candidate([weak, one_more], budget) == (one_more, "met")
+    assert choose_candidate([weak, eight_more], budget) == (weak, "met")
+    # without per-image records (or measured on different groups) drops compare exactly: the least drop wins
+    assert choose_candidate([weak, dataclasses.replace(one_more, drop_correct=None)], budget)[0] is weak
+    other_group = dataclasses.replace(one_more, drop_group="kept classes")
+    assert drop_difference_se(other_group, weak) == 0.0
+
+
+def test_a_domain_calibration_bounds_the_class_in_the_kept_domains_on_its_own():
+    """Pooled, the few images of the forgotten class in the kept domains hide among the kept classes' many: each kept
+    group's drop is bounded, and a candidate's retain drop is the larger."""
+    from hf_clip_forget.calibration.data import SAME_CLASS_KEPT, check_request, kept_groups
+
+    data = read_validation_data(labelled_images(num_images=24))
+    request = check_request(["cat"], None, ["sketch"], ["photo"], None, data)
+    bounded = kept_groups(request, data)
+    cat, photo = data.labels == data.class_names.index("cat"), data.domains == data.domain_names.index("photo")
+    assert torch.equal(bounded[SAME_CLASS_KEPT], cat & photo) and torch.equal(bounded["kept classes"], ~cat)
+    assert list(kept_groups(dataclasses.replace(request, paradigm="complete"), data)) == ["kept"]
+
+
 # ----------------------------------------------------------------------------- the adapter written is the one measured
 def random_features(model, per_class=10, seed=0) -> ImageFeatures:
     generator = torch.Generator().manual_seed(seed)
@@ -146,13 +190,14 @@ def test_the_chosen_numbers_are_those_of_the_adapter_written_and_of_its_saved_co
     assert (
         report.forget_accuracy.after == chosen.forget_accuracy and report.kept_accuracy.after == chosen.kept_accuracy
     )
-    # an independent measurement (the evaluation harness) of the model returned, and of the adapter once saved
-    measured = evaluate_zero_shot(edited, features, ["cat"], tokenizer=tokenizer, templates="single",
-                                  show_progress=False)  # fmt: skip
+    # an independent measurement (the evaluation harness, with its default classifier — the one `eval` uses, whatever
+    # templates the edit was built from) of the model returned, and of the adapter once saved
+    assert report.classifier == "imagenet (80 templates)"
+    measured = evaluate_zero_shot(edited, features, ["cat"], tokenizer=tokenizer, show_progress=False)
     assert (measured.forget_accuracy, measured.retain_accuracy) == (chosen.forget_accuracy, chosen.kept_accuracy)
     edited.save_pretrained(tmp_path / "adapter")
     loaded = ForgetPeftModel.from_pretrained(tiny_clip(), tmp_path / "adapter")
-    again = evaluate_zero_shot(loaded, features, ["cat"], tokenizer=tokenizer, templates="single", show_progress=False)
+    again = evaluate_zero_shot(loaded, features, ["cat"], tokenizer=tokenizer, show_progress=False)
     assert (again.forget_accuracy, again.retain_accuracy) == (chosen.forget_accuracy, chosen.kept_accuracy)
     config = loaded.peft_config["default"]
     assert {k: getattr(config, k) for k in chosen.strength} == chosen.strength and config.target_modules == {
@@ -170,6 +215,7 @@ def test_config_and_card_record_the_calibration_and_survive_save_and_load(tokeni
     assert saved["budget"] == BUDGET and saved["chosen"] == {"alpha": 0.575} and saved["searched"] == ["alpha"]
     assert saved["validation"]["num_images"] == len(data) and saved["validation"]["forget_images"] == 6
     assert saved["validation"]["sha256"] == read_validation_data(data).sha256
+    assert saved["classifier"] == '"a photo of a {}."'  # the classifier that judged, as asked (eval_templates)
     assert {row["name"]: row["after"] for row in saved["per_class"]} == {"cat": pytest.approx(1 / 6), "dog": 1.0}
     loaded = ForgetPeftModel.from_pretrained(tiny_clip(), tmp_path / "adapter")
     assert loaded.peft_config["default"].calibration == saved
@@ -179,7 +225,8 @@ def test_config_and_card_record_the_calibration_and_survive_save_and_load(tokeni
     card = ModelCard.load(tmp_path / "adapter" / "README.md").text
     section = card.split("## Calibration")[1].split("## Audit")[0]
     for text in ("data-assisted in its strength, data-free in its directions", "budget met", "α = 0.575",
-                 saved["validation"]["sha256"], "10 labelled images (6 to forget, 4 to keep)", "| cat | forget | 6 |"):  # fmt: skip
+                 saved["validation"]["sha256"], "10 labelled images (6 to forget, 4 to keep)", "| cat | forget | 6 |",
+                 "(zero-shot classification with"):  # fmt: skip
         assert text in section, text
     report.save(tmp_path / "report.json")
     assert CalibrationReport.load(tmp_path / "report.json") == report
@@ -288,12 +335,19 @@ def test_a_dataset_is_embedded_once_and_identified_by_its_images_and_labels(toke
     assert report.validation.forget_images == 4 and report.validation.kept_images == 20
     assert report.validation.hashed == "image bytes, labels and domains"
 
+    def drop(rows) -> float:  # a group's drop, from its cells
+        return sum(r.images * (r.before - r.after) for r in rows) / sum(r.images for r in rows)
+
+    kept_cells = [row for row in report.per_cell if row.group == "kept"]
+    same_class = [row for row in kept_cells if row.name.endswith("/cat")]
+    others = [row for row in kept_cells if not row.name.endswith("/cat")]
+    assert report.retain_drop == pytest.approx(max(drop(same_class), drop(others)))
+
 
 def test_calibrating_a_model_with_an_adapter_stacks_and_measures_before_with_it(tokenizer):
     model = add_forget_adapter(tiny_clip(), ["dog"], tokenizer, templates="single", show_progress=False)
     features = random_features(model.get_base_model())
-    dogs_before = evaluate_zero_shot(model, features, ["dog"], tokenizer=tokenizer, templates="single",
-                                     show_progress=False)  # fmt: skip
+    dogs_before = evaluate_zero_shot(model, features, ["dog"], tokenizer=tokenizer, show_progress=False)
     edited, report = calibrate_forget_adapter(model, ["cat"], tokenizer, data=features, templates="single",
                                               budget={"max_forget": 0.2, "max_retain_drop": 0.2}, show_progress=False)  # fmt: skip
     assert edited is model and sorted(edited.active_adapters) == ["default", "forget_1"]

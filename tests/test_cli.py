@@ -68,6 +68,16 @@ def test_forget_with_retain_classes_keeps_the_shared_direction_unless_told_not_t
     assert ("shared direction kept" in (tmp_path / "a" / "README.md").read_text()) is kept
 
 
+def test_forget_takes_the_ccup_strength_and_refuses_one_the_method_ignores(model_dir, tmp_path, capsys):
+    args = ["forget", model_dir, "--classes", "cat", "--retain-classes", "dog,bird", "--templates", "single"]
+    assert main([*args, "--method", "ccup", "--ccup-mu", "7", "--ccup-lambda", "300", "--output", str(tmp_path / "a")]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (config["ccup_mu"], config["ccup_lambda"]) == (7.0, 300.0)
+    assert "300 / 7" in (tmp_path / "a" / "README.md").read_text()  # the card's λ / μ column
+    assert main([*args, "--ccup-mu", "7", "--output", str(tmp_path / "b")]) == 2  # a global edit: nullspace
+    assert "`ccup_mu` is a strength of ccup edits" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_forget_merge_saves_a_loadable_full_model(model_dir, tmp_path):
     from transformers import CLIPModel
 

@@ -3,6 +3,7 @@ card, the JSON report and the plot are written; an unmet budget is said plainly 
 bad requests are one-line errors."""
 
 import json
+import os
 
 import pytest
 
@@ -83,3 +84,26 @@ def test_bad_requests_are_one_line_errors(data, tmp_path, extra, message, capsys
     assert main(["calibrate", "demo", "--data", data, *extra, "--output", str(tmp_path / "adapter")]) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_calibrate_reuses_the_image_features_eval_cached_for_the_same_file(data, tmp_path, monkeypatch):
+    """The feature cache is keyed on the data's files as `eval` keys it: calibrating on a file `eval` (or `forget
+    --eval-data`) already embedded adds no second entry and embeds no image."""
+    import huggingface_hub.constants
+
+    from hf_clip_forget.cli import cached_image_features, load_dual_encoder
+    from hf_clip_forget.evaluation import cache as feature_cache
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "home"))
+    model, _, processor = load_dual_encoder("demo")
+    cached_image_features(model, processor, data, "train")  # what `eval --data PATH --split train` stores
+    folder = tmp_path / "home" / "hf_clip_forget" / "features"
+    entries = sorted(os.listdir(folder))
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("calibrate embedded images that were cached")
+
+    monkeypatch.setattr(feature_cache, "embed_images", no_embedding)
+    assert main(["calibrate", "demo", "--classes", "person", "--data", data, "--alphas", "0.5,1", "--refine", "0",
+                 "--max-forget", "0.5", "--max-retain-drop", "0.5", "--output", str(tmp_path / "adapter")]) == 0  # fmt: skip
+    assert sorted(os.listdir(folder)) == entries

@@ -137,7 +137,7 @@ def test_only_edits_that_can_be_weak_pay_for_an_estimate(tokenizer, options, est
         assert (sum(prompts) > len(HELD_OUT_TEMPLATES)) is estimated
 
 
-def test_the_card_line_states_the_estimate_and_never_a_stale_one(tokenizer):
+def test_the_card_line_states_the_estimate_and_never_a_stale_one(tokenizer, tmp_path):
     import dataclasses
 
     from hf_clip_forget.tuners.projection_edit.estimate import effect_estimate_line
@@ -154,6 +154,9 @@ def test_the_card_line_states_the_estimate_and_never_a_stale_one(tokenizer):
     )
     assert effect_estimate_line(dataclasses.replace(config, ccup_mu=5.0)) is None  # computed for another strength
     assert effect_estimate_line(dataclasses.replace(config, provenance={})) is None
+    model.save_pretrained(tmp_path)  # the card says it under "Predicted effect"
+    card = (tmp_path / "README.md").read_text()
+    assert "**Predicted effect**" in card and f"- `default`: {line}." in card
 
 
 def test_a_domain_edit_that_names_no_other_class_warns_and_says_the_fix(tokenizer):

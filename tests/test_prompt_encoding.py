@@ -45,9 +45,7 @@ def text_inputs(model):
 
 def test_rows_come_back_in_the_given_order_and_equal_encoding_each_prompt_alone(model, tokenizer):
     found = encode_prompts(model, tokenizer, PROMPTS, batch_size=3, show_progress=False, use_cache=False)
-    alone = torch.cat(
-        [encode_prompts(model, tokenizer, [p], show_progress=False, use_cache=False) for p in PROMPTS]
-    )
+    alone = torch.cat([encode_prompts(model, tokenizer, [p], show_progress=False, use_cache=False) for p in PROMPTS])
     assert found.shape == alone.shape
     torch.testing.assert_close(found, alone, rtol=1e-5, atol=1e-6)
     assert torch.equal(found[0], found[4])  # the same prompt twice: the same row
@@ -63,9 +61,7 @@ def test_each_distinct_prompt_is_encoded_once_in_batches_of_similar_length(model
     tokenize = _Tokenization.of(model, tokenizer)
     distinct = list(dict.fromkeys(PROMPTS))
     lengths = tokenize.lengths(distinct)
-    in_given_order = sum(
-        len(distinct[i : i + 3]) * max(lengths[i : i + 3]) for i in range(0, len(distinct), 3)
-    )
+    in_given_order = sum(len(distinct[i : i + 3]) * max(lengths[i : i + 3]) for i in range(0, len(distinct), 3))
     padded = sum(rows * width for rows, width in seen)
     assert padded == sum(len(b) * max(lengths[i] for i in b) for b in _length_sorted_batches(tokenize, distinct, 3))
     assert padded < in_given_order  # sorting by length pads less than the given order would

@@ -259,3 +259,23 @@ def test_peft_entry_points_take_the_tokenizer_the_config_names_or_say_how_to_giv
     edited = get_peft_model(tiny_clip(), named)
     assert forgets(edited, tokenizer, ["dog"], pixels)
     assert edited.peft_config["default"].tokenizer_name_or_path is None  # a local path is never recorded
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"method": "ccup", "alpha": 0.5}, "`alpha` is a strength of nullspace edits"),
+        ({"method": "nullspace", "ccup_mu": 5.0}, "`ccup_mu` is a strength of ccup edits"),
+        ({"ccup_lambda": 10.0}, "`ccup_lambda` is a strength of ccup edits"),  # a global edit: nullspace
+        ({"domains": ["sketch"], "retain_domains": ["photo"], "alpha": 0.3}, "method='ccup'"),  # domain: ccup
+    ],
+)
+def test_a_strength_the_method_ignores_is_refused_not_recorded(tokenizer, options, named):
+    """A CCUP edit ignores α and a nullspace edit λ and μ: accepted, the config would record a strength that changed
+    nothing."""
+    model = tiny_clip()
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match=named):
+        add_forget_adapter(model, ["dog"], tokenizer, retain_classes=["cat"], show_progress=False, **options)
+    assert_same_state(model, snapshot)
+    assert not has_forget_layers(model)

@@ -28,7 +28,7 @@ def add_forget_adapter(
     tokenizer=None,
     *,
     retain_classes: Sequence[str] | None = None,
-    alpha: float = 1.0,
+    alpha: float | None = None,
     method: str | None = None,
     templates: str | Sequence[str] | None = None,
     average_templates: bool = True,
@@ -36,7 +36,7 @@ def add_forget_adapter(
     adapter_name: str | None = None,
     text_embeds: Tensor | None = None,
     retain_text_embeds: Tensor | None = None,
-    ccup_lambda: float = 1000.0,
+    ccup_lambda: float | None = None,
     ccup_mu: float | None = None,
     keep_shared_direction: bool | None = None,
     domains: Sequence[str] | None = None,
@@ -69,8 +69,9 @@ def add_forget_adapter(
         retain_classes: the other classes the model should still recognise, e.g. the rest of a label set. They
             define the direction all classes share, which the image-side edit then keeps (see
             ``keep_shared_direction``); CCUP also keeps each of them; text-side edits keep them exactly.
-        alpha: nullspace strength in [0, 1]; the forget component of every image embedding is scaled by
-            ``1 − alpha``.
+        alpha: nullspace strength in [0, 1] (default 1); the forget component of every image embedding is scaled
+            by ``1 − alpha``. A CCUP edit refuses it (its strength is ``ccup_lambda`` / ``ccup_mu``), as a nullspace
+            edit refuses those: a strength the method ignores would be recorded and change nothing.
         method: ``"nullspace"`` (``I − α QQᵀ``) or ``"ccup"`` (keeps ``retain_classes``; weights ``ccup_lambda`` λ
             and ``ccup_mu`` μ, each at most 1e8). Default: ``"ccup"`` for the domain paradigms (a nullspace cannot
             keep the class in the other domains), ``"nullspace"`` otherwise.
@@ -85,7 +86,7 @@ def add_forget_adapter(
         adapter_name: name of the new adapter (default ``"default"`` for the first, ``"forget_<n>"`` after).
         text_embeds: precomputed ``(n, d)`` text embeddings to forget, instead of embedding ``classes``.
         retain_text_embeds: precomputed ``(r, d)`` embeddings to keep, instead of embedding ``retain_classes``.
-        ccup_lambda, ccup_mu: CCUP weights λ (forget) and μ (retain), in [0, 1e8]. ``ccup_mu`` defaults to the
+        ccup_lambda, ccup_mu: CCUP weights λ (forget, default 1000) and μ (retain), in [0, 1e8]. ``ccup_mu`` defaults to the
             paradigm's (:data:`~hf_clip_forget.core.domains.DEFAULT_CCUP_MU`: chosen by measurement for
             ``"domain"``, ``docs/domains.md``; 100 otherwise); the config records the value used. For a
             domain-specific edit μ *is* the trade-off between forgetting the cell and keeping the class in the
@@ -163,6 +164,31 @@ def add_forget_adapter(
     return peft_model
 
 
+#: The strength settings of each edit method (what the other method ignores) and their defaults.
+STRENGTH_SETTINGS = {"nullspace": {"alpha": 1.0}, "ccup": {"ccup_lambda": 1000.0, "ccup_mu": None}}
+
+
+def _strength(method: str, paradigm: str, settings: dict) -> dict:
+    """``settings`` with the method's strength defaults filled (``ccup_mu``: the paradigm's default); a strength of
+    the other method, given, is refused — it would be recorded in the config and change nothing."""
+    for other, fields in STRENGTH_SETTINGS.items():
+        given = [name for name in fields if settings.get(name) is not None]
+        if other != method and given:
+            raise ValueError(
+                f"`{given[0]}` is a strength of {other} edits, and this edit uses method={method!r}, which ignores "
+                f"it. Give {' / '.join(f'`{n}`' for n in STRENGTH_SETTINGS.get(method, {}))} instead, or "
+                f"method={other!r}."
+            )
+    filled = dict(settings)
+    for name, default in STRENGTH_SETTINGS.get(method, {}).items():
+        if filled.get(name) is None:
+            filled[name] = default_ccup_mu(paradigm) if name == "ccup_mu" else default
+    for name in ("alpha", "ccup_lambda", "ccup_mu"):  # the config's own defaults for the other method's fields
+        if filled.get(name) is None:
+            filled.pop(name, None)
+    return filled
+
+
 def forget_config(
     model: nn.Module,
     classes,
@@ -212,8 +238,8 @@ def forget_config(
     if domain_aware and target != "visual":
         raise ValueError("Domain-aware edits and visual prototypes act on the image side; use target='visual'.")
     paradigm = paradigm or ("domain" if domains else "global")
-    if settings.get("ccup_mu") is None:
-        settings["ccup_mu"] = default_ccup_mu(paradigm)
+    method = method or ("ccup" if paradigm != "global" else "nullspace")
+    settings = _strength(method, paradigm, settings)
     has_retain = retain_classes is not None or retain_text_embeds is not None or paradigm == "domain"
     if keep_shared_direction is None:
         # with prototypes, the text-side shared direction would keep the forgotten class's share while the
@@ -231,7 +257,7 @@ def forget_config(
         )
     return ProjectionEditConfig(
         target_modules=list(target_modules),
-        method=method or ("ccup" if paradigm != "global" else "nullspace"),
+        method=method,
         keep_shared_direction=bool(keep_shared_direction),
         paradigm=paradigm,
         domains=list(domains or []),
@@ -242,7 +268,9 @@ def forget_config(
         forgotten_classes=classes,
         retain_classes=list(retain_classes or []),
         templates=resolve_templates(
-            family.templates_for(target, retain_named=has_retain and paradigm == "global") if templates is None else templates
+            family.templates_for(target, retain_named=has_retain and paradigm == "global")
+            if templates is None
+            else templates
         ),
         embedding_source="text_embeds" if text_embeds is not None else "class_names",
         **settings,

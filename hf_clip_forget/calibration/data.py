@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..core import plan_domain_edit, validate_class_names
+from ..core.calibration import KEPT_GROUPS
 from ..evaluation import ImageFeatures, check_labelled_images
 from ..evaluation.features import _labels_and_domains
 
@@ -190,6 +191,23 @@ def groups(request: CalibrationRequest, data: ValidationData) -> tuple[Tensor, T
     return forgotten & in_domains, kept
 
 
+#: The kept group of a domain edit that holds its forgotten classes in the kept domains.
+SAME_CLASS_KEPT = KEPT_GROUPS[2]
+
+
+def kept_groups(request: CalibrationRequest, data: ValidationData) -> dict[str, Tensor]:
+    """The kept images split into the groups the retain budget bounds each on its own: ``{"kept": mask}``, and for
+    ``paradigm="domain"`` the retain classes' images (``"kept classes"``) apart from the forgotten classes in the kept
+    domains (:data:`SAME_CLASS_KEPT`) — pooled, the few images of the latter would hide their collapse among the many
+    of the former (measured in ``docs/calibration.md``). Empty groups are left out."""
+    forget, kept = groups(request, data)
+    if request.paradigm != "domain" or data.domains is None:
+        return {KEPT_GROUPS[0]: kept}
+    same_class = kept & torch.isin(data.labels, _indices(request.classes, data.class_names))
+    named = {KEPT_GROUPS[1]: kept & ~same_class, SAME_CLASS_KEPT: same_class}
+    return {name: mask for name, mask in named.items() if mask.any()}
+
+
 def _check_images(request: CalibrationRequest, data: ValidationData) -> None:
     domain_wise = request.paradigm != "global" and data.domains is not None
     for name in request.classes:
@@ -213,11 +231,13 @@ def _check_images(request: CalibrationRequest, data: ValidationData) -> None:
 
 
 __all__ = [
+    "SAME_CLASS_KEPT",
     "CalibrationRequest",
     "ValidationData",
     "check_request",
     "dataset_sha256",
     "features_sha256",
     "groups",
+    "kept_groups",
     "read_validation_data",
 ]

@@ -76,6 +76,7 @@ class CalibrationReport:
         per_class, per_cell: :class:`GroupAccuracy` rows (cells only when the data has domains).
         validation: the :class:`ValidationSet`.
         seconds: wall time of the calibration (image features included).
+        classifier: the templates of the zero-shot classifier that judged every strength, in words.
     """
 
     adapter: str
@@ -97,11 +98,13 @@ class CalibrationReport:
     per_cell: tuple[GroupAccuracy, ...]
     validation: ValidationSet
     seconds: float
+    classifier: str = "imagenet (80 templates)"
 
     @property
     def retain_drop(self) -> float:
-        """Kept accuracy before minus after (fraction; 0.01 = one point)."""
-        return self.kept_accuracy.before - self.kept_accuracy.after
+        """The drop the budget bounds (fraction; 0.01 = one point): kept accuracy before minus after, or for a domain
+        edit the larger drop of its two kept groups (``chosen.drop_group``)."""
+        return self.chosen.retain_drop
 
     @property
     def choice_text(self) -> str:
@@ -130,6 +133,7 @@ class CalibrationReport:
             "per_cell": [vars(row).copy() for row in self.per_cell],
             "validation": vars(self.validation).copy(),
             "seconds": self.seconds,
+            "classifier": self.classifier,
         }
 
     @classmethod
@@ -139,7 +143,13 @@ class CalibrationReport:
         if not data:
             raise ValueError("The calibration record is empty: the adapter was not calibrated.")
         candidates = tuple(
-            Candidate(dict(c["strength"]), c["forget_accuracy"], c["kept_accuracy"], c["retain_drop"])
+            Candidate(
+                dict(c["strength"]),
+                c["forget_accuracy"],
+                c["kept_accuracy"],
+                c["retain_drop"],
+                c.get("drop_group", "kept"),
+            )  # fmt: skip
             for c in data["candidates"]
         )
         return cls(
@@ -162,6 +172,8 @@ class CalibrationReport:
             per_cell=tuple(GroupAccuracy(**row) for row in data["per_cell"]),
             validation=ValidationSet(**data["validation"]),
             seconds=float(data["seconds"]),
+            # records written before the classifier was recorded were judged with the adapter's own templates
+            classifier=data.get("classifier", "the adapter's own templates"),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -181,8 +193,14 @@ class CalibrationReport:
         forget, kept, budget = self.forget_accuracy, self.kept_accuracy, self.budget
         numbers = (
             f"forget accuracy {_pct(forget.before)} → {_pct(forget.after)} (budget ≤ {_pct(budget.max_forget)}), "
-            f"kept accuracy {_pct(kept.before)} → {_pct(kept.after)}, drop {_points(self.retain_drop)} "
-            f"(budget ≤ {_points(budget.max_retain_drop)})"
+            f"kept accuracy {_pct(kept.before)} → {_pct(kept.after)}, drop {_points(self.retain_drop)}"
+            + (f" of the {self.chosen.drop_group}" if self.chosen.drop_group != "kept" else "")
+            + f" (budget ≤ {_points(budget.max_retain_drop)}"
+            + (
+                ", for the kept classes and for the forgotten classes in the kept domains, each)"
+                if self.paradigm == "domain"
+                else ")"
+            )
         )
         head = "budget met" if self.budget_met else "BUDGET NOT MET"
         return f"{head} with {format_strength(dict(self.chosen.strength))}: {numbers}."
@@ -211,7 +229,8 @@ class CalibrationReport:
         return (
             f"Calibration of {', '.join(self.classes)} {where}, {self.method}: {tried} strengths tried on "
             f"{self.validation.num_images} validation images ({self.seconds:.1f} s).\n"
-            f"{self.verdict()}\nChosen by {self.choice_text}.\n{DATA_ASSISTED}\n\n{self.table()}"
+            f"{self.verdict()}\nJudged by zero-shot classification with {self.classifier}. Chosen by "
+            f"{self.choice_text}.\n{DATA_ASSISTED}\n\n{self.table()}"
         )
 
     def plot(self, path: str | os.PathLike) -> None:

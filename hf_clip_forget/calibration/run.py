@@ -3,6 +3,7 @@ and write the adapter with that strength, its config and card recording how it w
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from ..api import ForgetPeftModel, adapter_holder, add_forget_adapter, forget_config, resolve_tokenizer
 from ..api.adding import _new_adapter_name
+from ..core import describe_templates, resolve_templates
 from ..core.calibration import CalibrationBudget, Candidate, choose_candidate, group_accuracies, masked_accuracy
 from ..evaluation import (
     ImageFeatures,
@@ -26,7 +28,7 @@ from ..evaluation import (
 )
 from ..evaluation.zero_shot import _load_image_processor
 from ..tuners.projection_edit.estimate import WeakEditWarning
-from .data import CalibrationRequest, ValidationData, check_request, groups, read_validation_data
+from .data import CalibrationRequest, ValidationData, check_request, groups, kept_groups, read_validation_data
 from .report import BeforeAfter, CalibrationReport, GroupAccuracy, ValidationSet
 from .search import CalibrationSearch, search_strengths, set_strength
 
@@ -67,12 +69,14 @@ def calibrate_forget_adapter(
     method: str | None = None,
     paradigm: str | None = None,
     search: CalibrationSearch | Mapping[str, Any] | None = None,
+    eval_templates: str | Sequence[str] | None = None,
     adapter_name: str | None = None,
     batch_size: int = 64,
     text_batch_size: int = 256,
     show_progress: bool = True,
     use_cache: bool = True,
     cache_features: bool = True,
+    data_source: str | os.PathLike | None = None,
     **adapter_options,
 ) -> CalibrationResult:
     """Forget ``classes`` with the strength that best meets ``budget`` on a labelled validation set.
@@ -82,18 +86,23 @@ def calibrate_forget_adapter(
     α for a nullspace edit, μ (and λ, with ``search={'lambdas': [...]}``) for CCUP. Every strength of the grid
     (:class:`CalibrationSearch`; refined around where the budget switches between met and not met) is set on the
     adapter itself and measured by zero-shot classification of the validation images among all of the data's
-    classes, with the adapter's templates. The image features are computed once (and reused from the image-feature
+    classes, by the classifier ``hf-clip-forget eval`` uses (``eval_templates``; the 80-template ensemble by default,
+    whatever templates the edit was built from), so that the numbers the card records are the ones a user checking
+    the adapter will see. The image features are computed once (and reused from the image-feature
     cache with ``use_cache``); the class embeddings once, or for a text-side edit per strength through the
     prompt-embedding cache — no image or prompt is encoded again (with ``use_cache=False``, a text-side edit encodes
     its class prompts once per strength).
 
     The choice (:func:`~hf_clip_forget.core.calibration.choose_candidate`): among strengths meeting the budget, the
-    least retain drop, ties to the weakest; if none meets it, the lowest forget accuracy within the retain-drop
-    budget, else the strength nearest to the budget — and the report says plainly "budget not met".
+    least retain drop — drops not significantly larger (within 1.96 standard errors, paired over the kept images)
+    count as equal, and of those the lowest forget accuracy wins, then the weakest; if none meets it, the lowest forget accuracy within the
+    retain-drop budget, else the strength nearest to the budget — and the report says plainly "budget not met".
 
     Forget images: every image of a forgotten class (``paradigm="global"``), or of a forgotten class in ``domains``.
     Kept images: every image of a retain class, and with ``paradigm="domain"`` the forgotten classes in
-    ``retain_domains``. The budget bounds the forget accuracy and the drop of the pooled kept accuracy.
+    ``retain_domains``. The budget bounds the forget accuracy and the drop of the kept accuracy — for
+    ``paradigm="domain"`` of the retain classes' images and of the forgotten classes in the kept domains *each*
+    (pooled, the few images of the latter would hide their collapse).
 
     Visual prototypes: ``prototypes`` (an adapter option) is a fixed count, synthesised once with the adapter; it is
     not searched.
@@ -115,6 +124,9 @@ def calibrate_forget_adapter(
         retain_classes: the classes to keep (default: every other class of the data).
         search: the grid, a :class:`CalibrationSearch` or a dict of its fields (``alphas``, ``mus``, ``lambdas``,
             ``refine``).
+        eval_templates: the templates of the zero-shot classifier that judges each strength (a set name such as
+            ``"imagenet"`` or ``"single"``, or format strings); default: the evaluation harness's default (CLIP's
+            80-template ensemble), as ``hf-clip-forget eval`` uses. Recorded in the report.
         adapter_name: name of the new adapter (as in ``add_forget_adapter``).
         batch_size: images per forward pass when embedding ``data``.
         text_batch_size: prompts per text-tower batch.
@@ -123,6 +135,8 @@ def calibrate_forget_adapter(
         cache_features: take ``data``'s image features from the image-feature cache under
             ``$HF_HOME/hf_clip_forget/features`` (keyed on the vision tower, the image processor and the dataset's
             fingerprint), storing them there when missing.
+        data_source: the path or Hub id ``data`` was loaded from; its files' identity joins the image-feature cache
+            key, as ``hf-clip-forget eval`` keys it, so features that command cached are reused.
         **adapter_options: further ``add_forget_adapter`` options (``target``, ``templates``, ``ccup_lambda``,
             ``keep_shared_direction``, ``prototypes``, ``prototype_options``…); not ``alpha`` or ``ccup_mu``.
 
@@ -136,6 +150,7 @@ def calibrate_forget_adapter(
     """
     started = time.perf_counter()
     budget, search = CalibrationBudget.of(budget), CalibrationSearch.of(search)
+    judge = resolve_templates(eval_templates)
     refused = sorted(set(adapter_options) & set(REFUSED_OPTIONS))
     if refused:
         raise ValueError(f"`{refused[0]}` cannot be given to a calibration: {REFUSED_OPTIONS[refused[0]]}.")
@@ -152,11 +167,12 @@ def calibrate_forget_adapter(
     config = forget_config(base, list(request.classes), **options, **fixed)
     grid = search.grid(config.method, config.ccup_lambda)
     name = _new_adapter_name(adapter_name, holder)  # refuses a taken or malformed name now
-    features = _image_features(base, data, image_processor, batch_size, show_progress, cache_features)
-    classifier = _ZeroShot(base, resolve_tokenizer(base, tokenizer), features, config.templates, text_batch_size,
+    features = _image_features(base, data, image_processor, batch_size, show_progress, cache_features, data_source)
+    classifier = _ZeroShot(base, resolve_tokenizer(base, tokenizer), features, judge, text_batch_size,
                            use_cache)  # fmt: skip
     before = classifier.correct(refresh_text=True)
     forget, kept = groups(request, validation)
+    bounded = kept_groups(request, validation)
     previous = list(holder.active_adapters) if holder is not None else []
     with warnings.catch_warnings():  # a data-free guess of the effect of the first strength: about to be measured
         warnings.simplefilter("ignore", WeakEditWarning)
@@ -175,8 +191,13 @@ def calibrate_forget_adapter(
         def evaluate(strength: dict[str, float]) -> Candidate:
             set_strength(edited, name, strength)
             correct = classifier.correct(refresh_text=edits_text)
-            kept_after = masked_accuracy(correct, kept)
-            return Candidate(dict(strength), masked_accuracy(correct, forget), kept_after, kept_before - kept_after)
+            drops = {
+                group: masked_accuracy(before, mask) - masked_accuracy(correct, mask)
+                for group, mask in bounded.items()
+            }
+            group = max(drops, key=drops.get)
+            return Candidate(dict(strength), masked_accuracy(correct, forget), masked_accuracy(correct, kept),
+                             drops[group], group, correct[bounded[group]])  # fmt: skip
 
         candidates = search_strengths(evaluate, config.method, search, budget, config.ccup_lambda, show_progress)
         chosen, rule = choose_candidate(candidates, budget)
@@ -193,7 +214,7 @@ def calibrate_forget_adapter(
             per_cell=_cell_rows(validation, forget, kept, before, after),
             validation=ValidationSet(len(validation), int(forget.sum()), int(kept.sum()), validation.sha256,
                                      validation.hashed),
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started, classifier=describe_templates(judge),
         )  # fmt: skip
         set_strength(edited, name, chosen.strength, calibration=report.to_dict())
     except BaseException:
@@ -202,7 +223,7 @@ def calibrate_forget_adapter(
     return CalibrationResult(edited, report)
 
 
-def _image_features(base, data, image_processor, batch_size: int, show_progress: bool, use_cache: bool):
+def _image_features(base, data, image_processor, batch_size: int, show_progress: bool, use_cache: bool, source):
     """``data``'s image features: as given, from the image-feature cache, or embedded now (and cached)."""
     if isinstance(data, ImageFeatures):
         return data
@@ -210,7 +231,7 @@ def _image_features(base, data, image_processor, batch_size: int, show_progress:
     key = None
     if use_cache:
         try:
-            key = image_features_key(base, processor, data)
+            key = image_features_key(base, processor, data, source)
         except TypeError:  # a processor without settings to key on: embed without the cache
             key = None
     if key is None:
@@ -220,10 +241,10 @@ def _image_features(base, data, image_processor, batch_size: int, show_progress:
 
 class _ZeroShot:
     """Zero-shot classification of the validation images by the model as it is now, among all the data's classes
-    with the adapter's templates; the class embeddings are kept until ``refresh_text``."""
+    with ``templates`` (``None``: the harness's default); the class embeddings are kept until ``refresh_text``."""
 
     def __init__(self, base, tokenizer, features: ImageFeatures, templates, text_batch_size: int, use_cache: bool):
-        self.base, self.tokenizer, self.features, self.templates = base, tokenizer, features, list(templates)
+        self.base, self.tokenizer, self.features, self.templates = base, tokenizer, features, templates
         self.text_batch_size, self.use_cache = text_batch_size, use_cache
         self.text: Tensor | None = None
 

@@ -82,15 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="the other classes to keep recognising, comma-separated: the edit keeps the direction all classes share "
         "(CCUP also keeps each of them)",
     )
-    forget.add_argument("--alpha", type=float, default=1.0, help="nullspace strength in [0, 1]")
+    forget.add_argument("--alpha", type=float, default=None, help="nullspace strength in [0, 1] (default 1)")
     forget.add_argument(
         "--method",
         choices=["nullspace", "ccup"],
         default=None,
         help="default: ccup with --domains (paradigm domain/complete), nullspace otherwise",
     )
+    forget.add_argument(
+        "--ccup-mu",
+        type=float,
+        default=None,
+        help="CCUP retain weight μ >= 0 (lower forgets more and keeps less elsewhere; default: 100 for global edits, "
+        "50 for --paradigm domain, measured in docs/domains.md)",
+    )
+    forget.add_argument("--ccup-lambda", type=float, default=None, help="CCUP forget weight λ >= 0 (default 1000)")
     forget.add_argument("--target", choices=["visual", "text", "both"], default="visual")
-    forget.add_argument("--templates", nargs="+", default=None, help="a built-in set ('single', 'imagenet_selected', 'cifar', 'imagenet') or format strings with {}; default: 'single' for an image-side edit, 'imagenet' (80) for a text-side one")
+    forget.add_argument(
+        "--templates",
+        nargs="+",
+        default=None,
+        help="a built-in set ('single', 'imagenet_selected', 'cifar', 'imagenet') or format strings with {}; default: 'single' for an image-side edit, 'imagenet' (80) for a text-side one",
+    )
     forget.add_argument(
         "--no-keep-shared-direction",
         action="store_true",

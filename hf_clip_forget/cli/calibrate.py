@@ -40,6 +40,9 @@ def add_calibrate_parser(commands) -> None:
                            help="default: ccup with --domains, nullspace otherwise")  # fmt: skip
     calibrate.add_argument("--target", choices=["visual", "text", "both"], default="visual")
     calibrate.add_argument("--templates", nargs="+", default=None, help="'imagenet', 'single' or format strings")
+    calibrate.add_argument("--eval-templates", nargs="+", default=None,
+                           help="templates of the zero-shot classifier that judges each strength (default: the "
+                           "80-template ensemble, as `eval` uses)")  # fmt: skip
     calibrate.add_argument("--data", required=True, help="labelled validation images: parquet file/folder, image "
                            "folder or Hub dataset id (never the test split you report on)")  # fmt: skip
     calibrate.add_argument("--split", default="train", help="split of --data (default: train)")
@@ -96,7 +99,7 @@ def command_calibrate(args) -> int:
     command_processes("calibrate")
     model, tokenizer, image_processor = load_dual_encoder(args.model)
     require_image_classifier(model, "calibrate")
-    dataset, _ = load_data(args.data, args.split)
+    dataset, source = load_data(args.data, args.split)
     model, report = calibrate_forget_adapter(
         model,
         _split(args.classes),
@@ -112,6 +115,8 @@ def command_calibrate(args) -> int:
         method=args.method,
         target=args.target,
         templates=_templates(args.templates),
+        eval_templates=_templates(args.eval_templates),
+        data_source=source,
         prototypes=args.prototypes,
         batch_size=args.batch_size,
         cache_features=not args.no_cache,

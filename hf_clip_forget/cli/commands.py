@@ -51,6 +51,8 @@ def command_forget(args) -> int:
         retain_classes=_split(args.retain_classes),
         alpha=args.alpha,
         method=args.method,
+        ccup_lambda=args.ccup_lambda,
+        ccup_mu=args.ccup_mu,
         templates=_templates(args.templates),
         target=args.target,
         keep_shared_direction=False if args.no_keep_shared_direction else None,

@@ -5,8 +5,13 @@ edit must forget (``forget ≤ max_forget``) and the accuracy lost on the images
 (``kept_before − kept_after ≤ max_retain_drop``; 0.01 is one percentage point). Each searched strength (α of a
 nullspace edit; λ and μ of CCUP) gives one :class:`Candidate`; :func:`choose_candidate` picks one of them:
 
-1. among the candidates that meet the budget, the one with the **least collateral damage** (smallest retain drop),
-   ties going to the **weakest** strength;
+1. among the candidates that meet the budget, the one with the **least collateral damage** (smallest retain drop)
+   *as far as the validation set can tell*: a candidate whose drop exceeds the least by no more than
+   :data:`TIE_Z` = 1.96 standard errors of that difference (paired over the same kept images,
+   :func:`drop_difference_se`; a difference not significant at the 5 % level, up to 3 images) ties with it, and among
+   the tied ones the **lowest forget accuracy** wins, then the **weakest** strength. Without the tolerance the choice
+   sits exactly on the forget bound (the drop differs by single images between strengths that forget), and unseen
+   images leave more of the class (measured in ``docs/calibration.md``);
 2. if none meets it, the one that forgets most (lowest forget accuracy) among those within the retain-drop budget
    (ties: smaller drop, then weaker);
 3. if no candidate is within the retain-drop budget either, the one **nearest to the budget**: smallest total excess
@@ -24,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +40,8 @@ from torch import Tensor
 STRENGTH_FIELDS = {"nullspace": ("alpha",), "ccup": ("ccup_lambda", "ccup_mu")}
 #: Slack of budget comparisons: accuracies are ratios of counts, a budget of 0.05 must admit 1/20 exactly.
 BUDGET_SLACK = 1e-9
+#: Retain drops closer than this many standard errors of their paired difference count as equal (two-sided 5 %).
+TIE_Z = 1.96
 #: Version of the calibration record's layout (:func:`check_calibration_record`).
 RECORD_FORMAT = 1
 #: What the card and the report say about where a calibrated edit's parts come from.
@@ -42,6 +49,9 @@ DATA_ASSISTED = (
     "The edit is data-assisted in its strength, data-free in its directions: the directions it removes come from "
     "the class names alone; a labelled validation set only chose how strongly they are removed."
 )
+#: The kept groups a retain budget bounds each on its own: all kept images, or for a domain edit the kept classes
+#: apart from the forgotten classes in the kept domains.
+KEPT_GROUPS = ("kept", "kept classes", "forgotten classes in the kept domains")
 #: How each strength field is written.
 STRENGTH_SYMBOLS = {"alpha": "α", "ccup_lambda": "λ", "ccup_mu": "μ"}
 
@@ -108,13 +118,19 @@ class Candidate:
         strength: the config fields it sets, e.g. ``{"alpha": 0.8}`` or ``{"ccup_lambda": 1000.0, "ccup_mu": 10.0}``.
         forget_accuracy: accuracy on the forgotten images after the edit.
         kept_accuracy: accuracy on the kept images after the edit.
-        retain_drop: kept accuracy before the edit minus after (negative: it improved).
+        retain_drop: kept accuracy before the edit minus after (negative: it improved); with several kept groups
+            (a domain edit: the kept classes, and the forgotten classes in the kept domains), the largest drop.
+        drop_group: the kept group whose drop ``retain_drop`` is.
+        drop_correct: ``(k,)`` bool, which images of ``drop_group`` are classified correctly after the edit (the
+            paired noise of a drop difference; ``None``: drops compare exactly). Not saved.
     """
 
     strength: Mapping[str, float]
     forget_accuracy: float
     kept_accuracy: float
     retain_drop: float
+    drop_group: str = "kept"
+    drop_correct: Tensor | None = field(default=None, compare=False, repr=False)
 
     def meets(self, budget: CalibrationBudget) -> bool:
         return self.forget_ok(budget) and self.retain_ok(budget)
@@ -139,6 +155,7 @@ class Candidate:
             "forget_accuracy": self.forget_accuracy,
             "kept_accuracy": self.kept_accuracy,
             "retain_drop": self.retain_drop,
+            "drop_group": self.drop_group,
             "meets_budget": self.meets(budget),
         }
 
@@ -153,9 +170,22 @@ def strength_order(strength: Mapping[str, float]) -> float:
     return math.inf if mu == 0.0 else math.log(lam) - math.log(mu)
 
 
+def drop_difference_se(candidate: Candidate, reference: Candidate) -> float:
+    """Standard error of ``candidate.retain_drop − reference.retain_drop``, paired over the same kept images:
+    ``std(d) / √k`` with ``d_i = reference correct_i − candidate correct_i``. 0 when either has no per-image record or
+    they measure different groups (the drops then compare exactly)."""
+    a, b = reference.drop_correct, candidate.drop_correct
+    if a is None or b is None or candidate.drop_group != reference.drop_group or a.shape != b.shape or not a.numel():
+        return 0.0
+    differences = a.double() - b.double()
+    return float(differences.std(unbiased=False) / math.sqrt(differences.numel()))
+
+
 #: How :func:`choose_candidate` chose, in words (the report and the card quote it).
 CHOICES = {
-    "met": "the least retain drop among the strengths that meet the budget (ties: the weakest)",
+    "met": "among the strengths that meet the budget, the least retain drop — drops not significantly larger (within "
+    "1.96 standard errors, paired over the kept images) count as equal, and of those the lowest forget accuracy, then "
+    "the weakest",
     "retain_only": "budget not met: no strength reaches the forget budget within the retain-drop budget; chosen: the "
     "lowest forget accuracy among the strengths within the retain-drop budget",
     "nearest": "budget not met: no strength keeps the retain-drop budget; chosen: the strength nearest to the budget "
@@ -169,7 +199,11 @@ def choose_candidate(candidates: Sequence[Candidate], budget: CalibrationBudget)
         raise ValueError("No candidate strengths to choose from.")
     met = [c for c in candidates if c.meets(budget)]
     if met:
-        return min(met, key=lambda c: (c.retain_drop, c.order)), "met"
+        least = min(met, key=lambda c: (c.retain_drop, c.order))
+        tied = [
+            c for c in met if c.retain_drop - least.retain_drop <= TIE_Z * drop_difference_se(c, least) + BUDGET_SLACK
+        ]
+        return min(tied, key=lambda c: (c.forget_accuracy, c.order)), "met"
     within = [c for c in candidates if c.retain_ok(budget)]
     if within:
         return min(within, key=lambda c: (c.forget_accuracy, c.retain_drop, c.order)), "retain_only"
@@ -245,6 +279,8 @@ _RECORD_KEYS = {
     "budget_met", "choice", "searched", "chosen", "candidates", "forget_accuracy", "kept_accuracy", "per_class",
     "per_cell", "validation", "seconds",
 }  # fmt: skip
+#: Fields added after format 1 was first written; a record without them is still read.
+_OPTIONAL_KEYS = {"classifier"}
 _VALIDATION_KEYS = {"num_images", "forget_images", "kept_images", "sha256", "hashed"}
 
 
@@ -255,7 +291,8 @@ def check_calibration_record(record: Any, method: str | None = None) -> None:
     _require(isinstance(record, dict), f"must be a dict, got {type(record).__name__}")
     if not record:
         return
-    _require(set(record) == _RECORD_KEYS, f"must have exactly the fields {sorted(_RECORD_KEYS)}")
+    _require(set(record) - _OPTIONAL_KEYS == _RECORD_KEYS, f"must have exactly the fields {sorted(_RECORD_KEYS)}")
+    _require(isinstance(record.get("classifier", ""), str), "`classifier` must be a string")
     _require(record["format"] == RECORD_FORMAT, f"has format {record['format']!r}; this version reads {RECORD_FORMAT}")
     for key in ("adapter", "choice", "method", "paradigm"):
         _require(isinstance(record[key], str), f"`{key}` must be a string")
@@ -275,8 +312,12 @@ def check_calibration_record(record: Any, method: str | None = None) -> None:
     candidates = record["candidates"]
     _require(isinstance(candidates, list) and candidates, "`candidates` must be a non-empty list")
     for candidate in candidates:
-        _require(isinstance(candidate, dict) and set(candidate) == {"strength", "forget_accuracy", "kept_accuracy",
-                 "retain_drop", "meets_budget"}, "`candidates` entries are malformed")  # fmt: skip
+        _require(isinstance(candidate, dict) and set(candidate) - {"drop_group"} == {"strength", "forget_accuracy",
+                 "kept_accuracy", "retain_drop", "meets_budget"}, "`candidates` entries are malformed")  # fmt: skip
+        _require(
+            candidate.get("drop_group", "kept") in KEPT_GROUPS,
+            f"a candidate's `drop_group` must be one of {KEPT_GROUPS}",
+        )
         _check_strength(candidate["strength"], record["method"], "a candidate's strength")
         _require(all(_is_number(candidate[k]) and 0 <= candidate[k] <= 1 for k in ("forget_accuracy", "kept_accuracy")),
                  "candidate accuracies must be fractions in [0, 1]")  # fmt: skip
@@ -305,14 +346,17 @@ __all__ = [
     "CHOICES",
     "DATA_ASSISTED",
     "GROUPS",
+    "KEPT_GROUPS",
     "RECORD_FORMAT",
     "STRENGTH_FIELDS",
     "STRENGTH_SYMBOLS",
+    "TIE_Z",
     "CalibrationBudget",
     "Candidate",
     "boundary_midpoints",
     "check_calibration_record",
     "choose_candidate",
+    "drop_difference_se",
     "format_strength",
     "group_accuracies",
     "masked_accuracy",

@@ -148,6 +148,16 @@ def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
     return templates
 
 
+def describe_templates(templates: Sequence[str]) -> str:
+    """A template list in words: its set's name and size (``"imagenet (80 templates)"``), the one template, or
+    ``"5 custom templates"``."""
+    templates = tuple(templates)
+    for name, members in TEMPLATE_SETS.items():
+        if templates == members:
+            return f'"{templates[0]}"' if len(templates) == 1 else f"{name} ({len(templates)} templates)"
+    return f'"{templates[0]}"' if len(templates) == 1 else f"{len(templates)} custom templates"
+
+
 def fill_templates(class_name: str, templates: Sequence[str]) -> list[str]:
     """The prompts for one class: every template formatted with ``class_name``."""
     return [template.format(class_name) for template in templates]

@@ -109,7 +109,9 @@ class _Tokenization:
 
     def lengths(self, prompts: list[str]) -> list[int]:
         """The number of tokens of each prompt (after truncation), without padding."""
-        encoded = self.tokenizer(prompts, padding=False, truncation=self.max_length is not None, max_length=self.max_length)
+        encoded = self.tokenizer(
+            prompts, padding=False, truncation=self.max_length is not None, max_length=self.max_length
+        )
         return [len(ids) for ids in encoded["input_ids"]]
 
     def __call__(self, batch: list[str]) -> dict:

@@ -193,7 +193,9 @@ def channels_last_on_cpu(model: nn.Module, device: torch.device) -> Iterator[boo
 
 def _channels_last_inputs(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
     return {
-        key: value.contiguous(memory_format=torch.channels_last) if key == "pixel_values" and value.dim() == 4 else value
+        key: value.contiguous(memory_format=torch.channels_last)
+        if key == "pixel_values" and value.dim() == 4
+        else value
         for key, value in inputs.items()
     }
 

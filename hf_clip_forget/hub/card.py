@@ -6,7 +6,6 @@ The template is ``model_cards/forget_adapter.md`` (shipped inside the package); 
 
 from __future__ import annotations
 
-import html
 import os
 import re
 from collections.abc import Sequence
@@ -20,9 +19,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from ..api import ForgetPeftModel
 from ..core.calibration import DATA_ASSISTED
 from ..core.fingerprint import WeightFingerprint
-from ..core.templates import IMAGENET_TEMPLATES, SINGLE_TEMPLATE
 from ..families import family_of
 from .card_calibration import calibration_section
+from .card_rows import adapter_row, escape_markdown, method_notes, target_names
 
 
 if TYPE_CHECKING:  # the audit imports the evaluation layer, which imports this package: only its type is needed
@@ -34,7 +33,6 @@ AUDIT_FILE = "audit.json"
 
 TEMPLATE_NAME = "forget_adapter.md"
 TAGS = ("machine-unlearning", "clip", "hf_clip_forget", "projection-edit", "zero-shot-image-classification")
-_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#!|~])")
 #: The Hub's license identifier for "not known" (https://huggingface.co/docs/hub/repositories-licenses).
 UNKNOWN_LICENSE = "unknown"
 _LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -69,14 +67,6 @@ class ForgetEvaluation:
             EvalResult(metric_name="forget accuracy", metric_value=self.forget_accuracy_after, **common),
             EvalResult(metric_name="retain accuracy", metric_value=self.retain_accuracy_after, **common),
         ]
-
-
-def escape_markdown(text: str) -> str:
-    """Text shown as text in Markdown and HTML: ``& < > " '`` become HTML entities, Markdown's inline syntax
-    (emphasis, code, links, images, ``|`` of tables) is backslash-escaped, and line breaks become spaces, so a
-    value cannot leave its table cell or line."""
-    text = " ".join(str(text).split())
-    return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(text, quote=True))
 
 
 def hub_model_id(name_or_path: str | None) -> str | None:
@@ -196,14 +186,14 @@ def build_model_card(
         forgotten_classes=forgotten,
         unlearning_method=sorted({config.method for config in configs.values()}),
     )
-    adapters = [_adapter_row(name, config, name in active) for name, config in configs.items()]
+    adapters = [adapter_row(name, config, name in active) for name, config in configs.items()]
     fingerprints = [
         {"module": module, "shape": "×".join(map(str, fp.shape)), "sha256": fp.sha256}
         for module, fp in (
             (module, WeightFingerprint.from_dict(data)) for module, data in first.base_fingerprints.items()
         )
     ]
-    edited_modules = sorted({m for config in configs.values() for m in _modules(config)})
+    edited_modules = sorted({m for config in configs.values() for m in target_names(config)})
     versions = first.provenance.get("versions", {})
     template = resources.files("hf_clip_forget").joinpath("model_cards", TEMPLATE_NAME).read_text(encoding="utf-8")
     return ModelCard.from_template(
@@ -224,7 +214,7 @@ def build_model_card(
         with_preprocessors=with_preprocessors,
         license_cell=license_cell,
         adapters=adapters,
-        method_notes=_method_notes(configs.values()),
+        method_notes=method_notes(configs.values()),
         evaluations=[_evaluation_row(e) for e in evaluations],
         edited_modules="`, `".join(edited_modules),
         mergeable=all(getattr(config, "mergeable", True) for config in configs.values()),
@@ -247,94 +237,6 @@ def _has_package_towers(base) -> bool:
     """Whether ``base`` holds towers defined by ``hf_clip_forget.models`` (the demo model's), which transformers
     can load only after ``import hf_clip_forget`` has registered them."""
     return any(type(module).__module__.startswith("hf_clip_forget.models") for module in base.modules())
-
-
-def _modules(config) -> list[str]:
-    targets = config.target_modules or ["visual_projection"]
-    return sorted([targets] if isinstance(targets, str) else targets)
-
-
-def _adapter_row(name: str, config, active: bool) -> dict:
-    templates = list(config.templates)
-    if templates == list(IMAGENET_TEMPLATES):
-        described = "CLIP ImageNet ensemble (80)"
-    elif templates == list(SINGLE_TEMPLATE):
-        described = escape_markdown(f'"{SINGLE_TEMPLATE[0]}"')
-    else:
-        described = f"{len(templates)} custom: " + ", ".join(escape_markdown(f'"{t}"') for t in templates[:3])
-        described += ", …" if len(templates) > 3 else ""
-    if config.average_templates and len(templates) > 1:
-        described += ", averaged per class"
-    ccup = config.method == "ccup"
-    return {
-        "name": escape_markdown(name),
-        "classes": [_with_neighbours(c, getattr(config, "neighbour_names", {})) for c in config.forgotten_classes],
-        "method": config.method + (", shared direction kept" if config.keep_shared_direction else ""),
-        "alpha": f"{config.alpha:g}" if not ccup else "–",
-        "lambda_mu": f"{config.ccup_lambda:g} / {config.ccup_mu:g}" if ccup else "–",
-        "rank": ", ".join(f"{escape_markdown(m)}: {k}" for m, k in sorted(config.rank_pattern.items())) or "0",
-        "targets": ", ".join(f"`{m}`" for m in _modules(config)),
-        "templates": described,
-        "retain": ", ".join(escape_markdown(c) for c in config.retain_classes) or "–",
-        "where": _where(config),
-        "kept_domains": ", ".join(escape_markdown(d) for d in config.retain_domains) or "–",
-        "prototypes": (
-            f"{config.prototypes} per forget cell"
-            + (f", {config.retain_prototypes} per retain cell" if config.retain_prototypes else "")
-            if config.prototypes or config.retain_prototypes
-            else "none (text only)"
-        ),
-        "active": active,
-    }
-
-
-def _with_neighbours(name: str, neighbour_names: dict) -> str:
-    """A forgotten class as the card lists it, with the vocabulary words forgotten with it (``expand_neighbours``)."""
-    words = neighbour_names.get(name) or []
-    also = f" (and its neighbours {', '.join(escape_markdown(w) for w in words)})" if words else ""
-    return escape_markdown(name) + also
-
-
-def _where(config) -> str:
-    """Where the classes are forgotten: everywhere (global) or in the named domains (paradigm)."""
-    domains = ", ".join(escape_markdown(d) for d in config.domains)
-    if config.paradigm == "global":
-        return "everywhere" + (f" (prompts of {domains} included)" if domains else "")
-    return f"only in {domains} ({config.paradigm})"
-
-
-def _method_notes(configs) -> str:
-    methods = {config.method for config in configs}
-    notes = []
-    if "nullspace" in methods:
-        notes.append(
-            "*nullspace*: `W' = (I − α QQᵀ) W`, `Q` an orthonormal basis of the forgotten classes' text embeddings; "
-            "at α = 1 every image embedding is orthogonal to them, for α < 1 their component is scaled by 1 − α."
-        )
-    if "ccup" in methods:
-        notes.append(
-            "*ccup*: `M = argmin ‖M − I‖² + λ‖M T_f‖² + μ‖M T_r − T_r‖²` (closed form) on the text directions; the "
-            "image projection becomes `W' = Mᵀ W`, so every image's logits are those of the edited directions: the "
-            "forgotten classes' near 0, the retained classes' kept."
-        )
-    if any(config.paradigm != "global" for config in configs):
-        notes.append(
-            '*domain paradigms*: the forget subspace is built from domain-conditioned prompts ("a sketch of a dog."); '
-            "*domain* keeps the same classes in the other domains through CCUP's retain term, *complete* does not "
-            "protect them (a stronger erasure in the named domains)."
-        )
-    if any(config.prototypes for config in configs):
-        notes.append(
-            "*visual prototypes*: images synthesised (seeded) so that their image embedding matches each forget "
-            "prompt; their embeddings join the forget subspace and cover the image side of the modality gap."
-        )
-    if any(config.keep_shared_direction for config in configs):
-        notes.append(
-            "*shared direction kept*: the forget directions are taken orthogonal to the mean direction of all named "
-            "classes (forgotten and retained), so a forgotten class's score falls to about the average score instead "
-            "of 0 and the other classes keep what they share."
-        )
-    return "\n".join(f"- {note}" for note in notes)
 
 
 def _evaluation_row(evaluation: ForgetEvaluation) -> dict:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from ..core.calibration import CHOICES, STRENGTH_SYMBOLS, format_strength
+from .card_rows import escape_markdown
 
 
 def calibration_section(name: str, config) -> dict:
     """What the card shows of an adapter's calibration record (checked when its config was made): the budget, the
     strength chosen among those tried, the validation numbers and the validation set's size and hash."""
-    from .card import escape_markdown  # card.py imports this module
-
     record = config.calibration
     budget, candidates = record["budget"], record["candidates"]
 
@@ -48,7 +47,8 @@ def calibration_section(name: str, config) -> dict:
         "forget_after": percent(forget["after"]),
         "kept_before": percent(kept["before"]),
         "kept_after": percent(kept["after"]),
-        "drop": f"{100 * (kept['before'] - kept['after']):.1f} points",
+        "drop": _drop(record),
+        "classifier": escape_markdown(record.get("classifier", "the adapter's own templates")),
         "num_images": int(validation["num_images"]),
         "forget_images": int(validation["forget_images"]),
         "kept_images": int(validation["kept_images"]),
@@ -57,3 +57,11 @@ def calibration_section(name: str, config) -> dict:
         "per_class": rows(record["per_class"]),
         "per_cell": rows(record["per_cell"]),
     }
+
+
+def _drop(record: dict) -> str:
+    """The drop the budget bounded: the chosen candidate's (for a domain edit, that of its worst kept group)."""
+    chosen = next(c for c in record["candidates"] if c["strength"] == record["chosen"])
+    group = chosen.get("drop_group", "kept")
+    where = "" if group == "kept" else f" (largest: the {escape_markdown(group)})"
+    return f"{100 * chosen['retain_drop']:.1f} points{where}"
