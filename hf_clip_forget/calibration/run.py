@@ -95,7 +95,8 @@ def calibrate_forget_adapter(
 
     The choice (:func:`~hf_clip_forget.core.calibration.choose_candidate`): among strengths meeting the budget, the
     least retain drop — drops not significantly larger (within 1.96 standard errors, paired over the kept images)
-    count as equal, and of those the lowest forget accuracy wins, then the weakest; if none meets it, the lowest forget accuracy within the
+    count as equal — then the lowest forget accuracy, and of the strengths still tied the one in the middle of their
+    range (furthest from both bounds); if none meets it, the lowest forget accuracy within the
     retain-drop budget, else the strength nearest to the budget — and the report says plainly "budget not met".
 
     Forget images: every image of a forgotten class (``paradigm="global"``), or of a forgotten class in ``domains``.

@@ -9,9 +9,10 @@ nullspace edit; λ and μ of CCUP) gives one :class:`Candidate`; :func:`choose_c
    *as far as the validation set can tell*: a candidate whose drop exceeds the least by no more than
    :data:`TIE_Z` = 1.96 standard errors of that difference (paired over the same kept images,
    :func:`drop_difference_se`; a difference not significant at the 5 % level, up to 3 images) ties with it, and among
-   the tied ones the **lowest forget accuracy** wins, then the **weakest** strength. Without the tolerance the choice
-   sits exactly on the forget bound (the drop differs by single images between strengths that forget), and unseen
-   images leave more of the class (measured in ``docs/calibration.md``);
+   the tied ones those with the **lowest forget accuracy**; of these, the one in the **middle of their strength range**
+   (ties: the weaker). The validation set cannot tell these apart, and the middle is furthest from where either
+   bound starts to fail on unseen images: the weakest sits exactly on the forget bound (the drop differs by single
+   images between strengths that forget), the strongest on the retain bound (measured in ``docs/calibration.md``);
 2. if none meets it, the one that forgets most (lowest forget accuracy) among those within the retain-drop budget
    (ties: smaller drop, then weaker);
 3. if no candidate is within the retain-drop budget either, the one **nearest to the budget**: smallest total excess
@@ -184,8 +185,8 @@ def drop_difference_se(candidate: Candidate, reference: Candidate) -> float:
 #: How :func:`choose_candidate` chose, in words (the report and the card quote it).
 CHOICES = {
     "met": "among the strengths that meet the budget, the least retain drop — drops not significantly larger (within "
-    "1.96 standard errors, paired over the kept images) count as equal, and of those the lowest forget accuracy, then "
-    "the weakest",
+    "1.96 standard errors, paired over the kept images) count as equal — then the lowest forget accuracy, and of the "
+    "strengths still tied the one in the middle of their range (furthest from both bounds)",
     "retain_only": "budget not met: no strength reaches the forget budget within the retain-drop budget; chosen: the "
     "lowest forget accuracy among the strengths within the retain-drop budget",
     "nearest": "budget not met: no strength keeps the retain-drop budget; chosen: the strength nearest to the budget "
@@ -203,11 +204,23 @@ def choose_candidate(candidates: Sequence[Candidate], budget: CalibrationBudget)
         tied = [
             c for c in met if c.retain_drop - least.retain_drop <= TIE_Z * drop_difference_se(c, least) + BUDGET_SLACK
         ]
-        return min(tied, key=lambda c: (c.forget_accuracy, c.order)), "met"
+        lowest = min(c.forget_accuracy for c in tied)
+        return _middle([c for c in tied if c.forget_accuracy <= lowest + BUDGET_SLACK]), "met"
     within = [c for c in candidates if c.retain_ok(budget)]
     if within:
         return min(within, key=lambda c: (c.forget_accuracy, c.retain_drop, c.order)), "retain_only"
     return min(candidates, key=lambda c: (c.excess(budget), c.order)), "nearest"
+
+
+def _middle(candidates: Sequence[Candidate]) -> Candidate:
+    """The candidate nearest the middle of the strength range ``candidates`` span (in :func:`strength_order`: α, or
+    ``log λ − log μ``), ties to the weaker: the validation set cannot tell them apart, and the middle is furthest from
+    where either bound starts to fail on unseen images."""
+    orders = [c.order for c in candidates]
+    if not all(math.isfinite(order) for order in orders):
+        return min(candidates, key=lambda c: c.order)
+    middle = (min(orders) + max(orders)) / 2
+    return min(candidates, key=lambda c: (abs(c.order - middle), c.order))
 
 
 def boundary_midpoints(values: Sequence[float], flags: Sequence[tuple[bool, ...]], geometric: bool) -> list[float]:
