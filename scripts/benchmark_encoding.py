@@ -115,7 +115,9 @@ def measure_images(model, processor, dataset, repeats: int, use_compile: bool) -
     tower_last = model.vision_model  # converted in place below, after the eager runs of each repeat
     compiled, compile_seconds = None, None
     runs = {
-        "harness": lambda: embed_images(model, dataset, processor, batch_size=IMAGE_BATCH, show_progress=False).features,
+        "harness": lambda: (
+            embed_images(model, dataset, processor, batch_size=IMAGE_BATCH, show_progress=False).features
+        ),
         "bare (processor + forward)": bare,
         "preprocessing only": lambda: processor(images=images, return_tensors="pt")["pixel_values"],
         "forward: eager": lambda: vision_forward(model, pixels),
@@ -125,7 +127,7 @@ def measure_images(model, processor, dataset, repeats: int, use_compile: bool) -
     if use_compile:
         times["forward: torch.compile"] = []
     checks = {}
-    for repeat in range(repeats):
+    for _ in range(repeats):
         for name, run in runs.items():
             times[name].append(timed(run)[0])
         tower_last.to(memory_format=torch.channels_last)
@@ -137,8 +139,8 @@ def measure_images(model, processor, dataset, repeats: int, use_compile: bool) -
             continue
         if compiled is None:
             compiled = torch.compile(model.vision_model)
-            compile_seconds, _ = timed(lambda: vision_forward(model, pixels[:IMAGE_BATCH], module=compiled))
-        seconds, features = timed(lambda: vision_forward(model, pixels, module=compiled))
+            compile_seconds, _ = timed(lambda c=compiled: vision_forward(model, pixels[:IMAGE_BATCH], module=c))
+        seconds, features = timed(lambda c=compiled: vision_forward(model, pixels, module=c))
         times["forward: torch.compile"].append(seconds)
         checks["forward: torch.compile"] = features
     checks["harness"] = runs["harness"]()

@@ -170,7 +170,9 @@ def plot(summary: list[dict], chosen: str, path: str) -> None:
     for column, method in enumerate(METHODS):
         for split, style in (("train", "--"), ("test", "-")):
             for color, task in zip(("tab:blue", "tab:orange", "tab:green"), tasks, strict=False):
-                points = {e["templates"]: e for e in summary if (e["split"], e["task"], e["method"]) == (split, task, method)}
+                points = {
+                    e["templates"]: e for e in summary if (e["split"], e["task"], e["method"]) == (split, task, method)
+                }
                 for row, metric in enumerate(("forget_after", "retain_after")):
                     axes[row, column].plot(counts, [100 * points[s][metric] for s in SETS], "o" + style, color=color,
                                            label=f"{task} ({split})")  # fmt: skip
@@ -216,7 +218,15 @@ def main() -> None:
                 for method in ("nullspace",) if args.no_retain else METHODS:
                     for templates in SETS:
                         row = measure(
-                            model, tokenizer, features, text, forget, method, templates, args.target, not args.no_retain
+                            model,
+                            tokenizer,
+                            features,
+                            text,
+                            forget,
+                            method,
+                            templates,
+                            args.target,
+                            not args.no_retain,
                         )
                         rows.append({"dataset": name, "split": split, **row})
     summary = summarise(rows)
@@ -225,9 +235,12 @@ def main() -> None:
     for split in ("train", "test"):
         for task in sorted({e["task"] for e in summary}):
             for method in sorted({e["method"] for e in summary}):
-                cells = {e["templates"]: e for e in summary if (e["split"], e["task"], e["method"]) == (split, task, method)}
+                cells = {
+                    e["templates"]: e for e in summary if (e["split"], e["task"], e["method"]) == (split, task, method)
+                }
                 line = "".join(
-                    f"{100 * cells[s]['forget_after']:>10.1f} / {100 * cells[s]['retain_after']:5.1f} %   " for s in SETS
+                    f"{100 * cells[s]['forget_after']:>10.1f} / {100 * cells[s]['retain_after']:5.1f} %   "
+                    for s in SETS
                 )
                 print(f"{split:<6} {task:<22} {method:<10}{line}")
     test_verdict = choose(summary, "test")[1]
