@@ -137,6 +137,17 @@ def test_only_edits_that_can_be_weak_pay_for_an_estimate(tokenizer, options, est
         assert (sum(prompts) > len(HELD_OUT_TEMPLATES)) is estimated
 
 
+def test_a_weak_text_side_edit_without_retain_classes_names_the_right_fix(tokenizer):
+    """The "kept span of N retain classes" explanation only holds when there are retain classes to keep."""
+    from hf_clip_forget.testing_utils import tiny_model
+
+    with pytest.warns(WeakEditWarning) as caught:  # this tiny SigLIP's text-side edit of "cat" is predicted weak
+        add_forget_adapter(tiny_model("SiglipModel"), ["cat"], tokenizer, target="text", templates="single",
+                           show_progress=False)  # fmt: skip
+    message = str(next(w.message for w in caught if issubclass(w.category, WeakEditWarning)))
+    assert "0 retain classes" not in message and "removes the forgotten prompts' span from every input" in message
+
+
 def test_the_card_line_states_the_estimate_and_never_a_stale_one(tokenizer, tmp_path):
     import dataclasses
 

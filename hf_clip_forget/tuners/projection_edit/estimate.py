@@ -154,6 +154,9 @@ def warn_if_weak(config: ProjectionEditConfig, effect: EditEffect | None, text_s
         fixes.append(
             f"or edit the image side (`target='visual'`): with {len(config.retain_classes)} retain classes the "
             "text side's kept span holds most of a forgotten prompt"
+            if config.retain_classes
+            else "or edit the image (or audio) side (`target='visual'`), which removes the forgotten prompts' span from "
+            "every input"
         )
     warnings.warn(
         WeakEditWarning(
