@@ -68,7 +68,7 @@ def measure(model, features, text, forget: list[str], variant: str, alpha: float
         text_embeds=text[[names.index(n) for n in forget]],
         retain_classes=retain if uses_retain else None,
         retain_text_embeds=text[[names.index(n) for n in retain]] if uses_retain else None,
-        alpha=alpha,
+        **({"alpha": alpha} if options["method"] == "nullspace" else {}),  # CCUP has no α (refused if given)
         adapter_name="measured",
         show_progress=False,
         **options,
