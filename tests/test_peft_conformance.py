@@ -340,12 +340,26 @@ def test_load_with_low_cpu_mem_usage(saved, low_cpu_mem_usage):
     assert_close(outputs(model), cat, tol=0)
 
 
+def take_factors(model, other) -> None:
+    """Give ``model``'s adapter the factors of ``other``'s through the tuner (which records their checksums)."""
+    layers = other.base_model.forget_layers()
+    model.base_model.set_factors(
+        "default", {name: (layer.projection_edit_forget["default"], None) for name, layer in layers.items()}
+    )
+
+
 def test_state_dict_round_trip_after_a_forward(saved):
     (_, dog), (cat_path, cat) = saved["dog"], saved["cat"]
     model = forget(["dog"])
     assert_close(outputs(model), dog, tol=0)
+    set_peft_model_state_dict(model, get_peft_model_state_dict(forget(["dog"])))  # its own factors: accepted
+    assert_close(outputs(model), dog, tol=0)
+    # another adapter's factors under this config ("dog") would make the config lie: refused, nothing copied
     other = PeftModel.from_pretrained(tiny_clip(), cat_path)
-    set_peft_model_state_dict(model, get_peft_model_state_dict(other))
+    with pytest.raises(ValueError, match="do not match the checksums recorded in its config"):
+        set_peft_model_state_dict(model, get_peft_model_state_dict(other))
+    assert_close(outputs(model), dog, tol=0)
+    take_factors(model, other)  # the library's own way to change factors keeps the config in step
     assert_close(outputs(model), cat, tol=0)
     model.load_state_dict(forget(["dog"]).state_dict())
     assert_close(outputs(model), dog, tol=0)
@@ -370,7 +384,7 @@ def test_deepcopy_and_pickle_give_independent_equal_models(saved):
     assert_close(outputs(model), dog, tol=0)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert_close(outputs(clone), dog, tol=0)
-        set_peft_model_state_dict(clone, get_peft_model_state_dict(PeftModel.from_pretrained(tiny_clip(), cat_path)))
+        take_factors(clone, PeftModel.from_pretrained(tiny_clip(), cat_path))
         assert_close(outputs(clone), cat, tol=0)
         assert_close(outputs(model), dog, tol=0)
 
@@ -385,7 +399,7 @@ def test_torch_compile_gives_the_eager_outputs_and_follows_new_factors(saved):
     compiled = torch.compile(layer, backend="eager")
     with torch.no_grad():
         assert_close(compiled(x), layer(x), tol=1e-6)
-        set_peft_model_state_dict(model, get_peft_model_state_dict(cat))
+        take_factors(model, cat)
         assert_close(compiled(x), cat_layer(x), tol=1e-6)
         layer.merge()
         assert_close(compiled(x), cat_layer(x), tol=1e-5)

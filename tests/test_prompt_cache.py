@@ -3,6 +3,7 @@ of the text path's weights, the tokenizer or the padding gives fresh embeddings;
 without it; concurrent writers and corrupt files leave a valid cache."""
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -261,6 +262,75 @@ def test_a_corrupt_or_altered_file_is_recomputed_and_rewritten(cache_dir, tokeni
             warnings.simplefilter("error")
             assert torch.equal(encode(model, tokenizer), expected)
         assert seen == []
+
+
+def read_entry(path):
+    with safe_open(str(path), "pt") as file:
+        return dict(file.metadata()), file.get_tensor("embeddings")
+
+
+def rows_only_digest(rows) -> str:
+    """The checksum of cache format 1: sha256 of the rows alone, which anyone could recompute after an edit."""
+    return hashlib.sha256(rows.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def assert_recomputed(model, tokenizer, monkeypatch, truth, prompts=PROMPTS):
+    """A fresh process (empty memory) warns about the file, returns what the model computes, and rewrites it."""
+    monkeypatch.setattr(prompt_cache, "_MEMORY", {})
+    with pytest.warns(UserWarning, match="Ignoring the cached prompt embeddings"):
+        found = encode(model, tokenizer, prompts)
+    assert relative_error(found, truth) <= 1e-5
+    monkeypatch.setattr(prompt_cache, "_MEMORY", {})
+    with warnings.catch_warnings(), text_rows(model) as seen:  # rewritten: valid again, read back without a forward
+        warnings.simplefilter("error")
+        assert relative_error(encode(model, tokenizer, prompts), truth) <= 1e-5
+    assert seen == []
+
+
+def test_swapped_prompts_or_an_edited_row_with_a_rows_only_checksum_are_recomputed(cache_dir, tokenizer, monkeypatch):
+    model = tiny_model("CLIPModel")
+    encode(model, tokenizer)
+    truth = encode(model, tokenizer, use_cache=False)
+    (entry,) = entries(cache_dir)
+    path = cache_dir / entry
+    metadata, rows = read_entry(path)
+    prompts = json.loads(metadata["prompts"])
+    swapped = [prompts[1], prompts[0], *prompts[2:]]  # "a photo of a cat." ↔ "a photo of a dog."
+    edited = rows.clone()
+    edited[0] = -edited[0]
+    for damaged_metadata, damaged_rows in (
+        ({**metadata, "prompts": json.dumps(swapped)}, rows),  # the checksum left as it was
+        ({**metadata, "prompts": json.dumps(swapped), "sha256": rows_only_digest(rows)}, rows),
+        ({**metadata, "sha256": rows_only_digest(edited)}, edited),  # a row edited, the old-style checksum re-forged
+    ):
+        save_file({"embeddings": damaged_rows}, path, damaged_metadata)
+        assert_recomputed(model, tokenizer, monkeypatch, truth)
+
+
+def test_a_checksum_recomputed_by_the_current_recipe_does_not_rebind_a_row(cache_dir, tokenizer, monkeypatch):
+    """Each row's identity hashes its prompt and key: prompts swapped, or rows moved to another key's file, with the
+    file checksum recomputed, are still not found under the wrong prompt or key."""
+    model = tiny_model("CLIPModel")
+    encode(model, tokenizer)
+    truth = encode(model, tokenizer, use_cache=False)
+    (entry,) = entries(cache_dir)
+    path = cache_dir / entry
+    metadata, rows = read_entry(path)
+    key, prompts, ids = metadata["key"], json.loads(metadata["prompts"]), json.loads(metadata["rows"])
+    swapped = [prompts[1], prompts[0], *prompts[2:]]
+    digest = prompt_cache._file_digest(key, swapped, ids, rows)
+    save_file({"embeddings": rows}, path, {**metadata, "prompts": json.dumps(swapped), "sha256": digest})
+    assert_recomputed(model, tokenizer, monkeypatch, truth)
+
+    with torch.no_grad():  # another key: the same rows copied under its name, key and a matching checksum
+        model.text_projection.weight.mul_(1.5)
+    encode(model, tokenizer)
+    other_truth = encode(model, tokenizer, use_cache=False)
+    (other,) = [name for name in entries(cache_dir) if name != entry]
+    other_key = read_entry(cache_dir / other)[0]["key"]
+    moved = {**metadata, "key": other_key, "sha256": prompt_cache._file_digest(other_key, prompts, ids, rows)}
+    save_file({"embeddings": rows}, cache_dir / other, moved)
+    assert_recomputed(model, tokenizer, monkeypatch, other_truth)
 
 
 # ---------------------------------------------------------------------------------------------- edited models

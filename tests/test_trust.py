@@ -123,6 +123,14 @@ def test_a_config_without_classes_is_refused_by_every_entry_point(checkpoint):
 def test_an_adapter_whose_factors_were_never_set_cannot_run_or_merge(checkpoint, pixels):
     # a config that claims built factors (ranks) but never received them, e.g. a hand-made one
     config = ProjectionEditConfig(forgotten_classes=["dog"], rank_pattern={"visual_projection": 1})
+    with pytest.raises(ValueError, match=r"`target_modules` \[\] differ from the layers its factors are for"):
+        get_peft_model(load(checkpoint), config)
+    config = ProjectionEditConfig(
+        forgotten_classes=["dog"], target_modules=["visual_projection"], rank_pattern={"visual_projection": 1}
+    )
+    with pytest.raises(ValueError, match="base_fingerprints` lack"):
+        get_peft_model(load(checkpoint), config)
+    config.trust_unverified = True  # past the load checks, it still cannot run
     model = get_peft_model(load(checkpoint), config)
     with pytest.raises(ValueError, match="never computed"):
         image_features(model, pixels)

@@ -15,6 +15,7 @@ from ..core.domains import default_ccup_mu
 from ..families import family_of
 from ..tuners.projection_edit import ProjectionEditConfig, ProjectionEditLayer
 from ..tuners.projection_edit.build import BuildInputs, BuiltAdapter, build_adapter
+from ..tuners.projection_edit.names import check_adapter_name
 from .peft_model import ForgetPeftModel, _quiet_peft_wrapping
 
 
@@ -83,7 +84,9 @@ def add_forget_adapter(
             direction per (class, template).
         target: ``"visual"`` (edit ``visual_projection``, default), ``"text"`` (edit ``text_projection``: forgotten
             prompts become generic ones) or ``"both"``.
-        adapter_name: name of the new adapter (default ``"default"`` for the first, ``"forget_<n>"`` after).
+        adapter_name: name of the new adapter (default ``"default"`` for the first, ``"forget_<n>"`` after): 1 to 96
+            ASCII letters, digits, ``_`` and ``-``, not starting with ``-`` (it names a folder and a Hub path;
+            :func:`~hf_clip_forget.tuners.projection_edit.names.check_adapter_name`).
         text_embeds: precomputed ``(n, d)`` text embeddings to forget, instead of embedding ``classes``.
         retain_text_embeds: precomputed ``(r, d)`` embeddings to keep, instead of embedding ``retain_classes``.
         ccup_lambda, ccup_mu: CCUP weights λ (forget, default 1000) and μ (retain), in [0, 1e8]. ``ccup_mu`` defaults to the
@@ -139,6 +142,8 @@ def add_forget_adapter(
             the predicted numbers and the fixes. The estimate is recorded in the adapter's
             ``provenance["effect_estimate"]`` (:mod:`hf_clip_forget.core.effect`).
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)  # untrusted text that becomes a folder and a key: checked first of all
     holder = adapter_holder(model)
     base = holder.get_base_model() if holder is not None else model
     name = _new_adapter_name(adapter_name, holder)
@@ -338,8 +343,7 @@ def _new_adapter_name(adapter_name: str | None, holder: PeftModel | None) -> str
         while f"forget_{index}" in existing:
             index += 1
         return f"forget_{index}"
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
-        raise ValueError(f"`adapter_name` must be a non-empty string without '.' or '/', got {adapter_name!r}.")
+    check_adapter_name(adapter_name)
     if adapter_name in existing:
         raise ValueError(
             f"An adapter named {adapter_name!r} already exists (adapters: {sorted(existing)}). Choose another "

@@ -3,16 +3,18 @@ checks of loaded factors."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
-import torch
-from torch import Tensor
-
-from ..core.subspace import EditSpec
 from ..files import ADAPTER_CONFIG_NAME
 from ..tuners.projection_edit import PEFT_TYPE, SAVED_PEFT_TYPE, ProjectionEditLayer
+from ..tuners.projection_edit.integrity import (  # noqa: F401 - re-exported for the API layer
+    FACTOR_ATTRIBUTES,
+    ExpectedFactor,
+    check_incoming_state,
+    factor_checksums,
+    tensor_sha256,
+)
+from ..tuners.projection_edit.schema import check_config_values, read_config_json
 
 
 FORGET_PEFT_TYPES = (SAVED_PEFT_TYPE, PEFT_TYPE.value)
@@ -28,6 +30,7 @@ def saved_adapters(model_id: str, root_name: str, **hub_kwargs) -> list[tuple[st
     configs = _read_configs(model_id, **hub_kwargs)
     for subfolder, config in configs.items():
         check_forget_peft_type(config, model_id if subfolder is None else f"{model_id}/{subfolder}")
+        check_config_values(config)
     stack = (configs.get(None) or {}).get("stack") or []
     missing = [name for name in stack[1:] if name not in configs]
     if missing:
@@ -97,53 +100,20 @@ def _config_paths(model_id: str, **hub_kwargs) -> list[str] | None:
 
 
 def _load_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); the adapter is corrupt.") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object; the adapter is corrupt.")
-    return data
+    """The config's JSON, read strictly (:func:`~hf_clip_forget.tuners.projection_edit.schema.read_config_json`)."""
+    return read_config_json(path)
 
 
 # ------------------------------------------------------------------------------------------------- integrity
-def factor_checksums(layers: dict[str, ProjectionEditLayer], adapter_name: str) -> dict[str, str]:
-    """sha256 of every stored factor of ``adapter_name``: ``{"<module>.forget": hex, "<module>.retain": hex}``."""
-    checksums = {}
+def check_loaded_factors(layers: dict[str, ProjectionEditLayer], adapter_name: str, config) -> None:
+    """After a load, check the factors the layers now hold for ``adapter_name`` as the load gate checks incoming
+    ones (:func:`~hf_clip_forget.tuners.projection_edit.integrity.check_incoming_state`): defence in depth for a
+    loader that copied them some other way. Every message names the adapter."""
+    expected, state = [], {}
     for module, layer in layers.items():
         for role, store in (("forget", layer.projection_edit_forget), ("retain", layer.projection_edit_retain)):
             if adapter_name in store:
-                checksums[f"{module}.{role}"] = tensor_sha256(store[adapter_name])
-    return checksums
-
-
-def tensor_sha256(tensor: Tensor) -> str:
-    """sha256 of a tensor's float32 bytes (row-major)."""
-    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
-
-
-def check_loaded_factors(layers: dict[str, ProjectionEditLayer], adapter_name: str, recorded: dict[str, str]) -> None:
-    """Refuse loaded factors that are non-finite, were never loaded (all zero), or differ from the checksums
-    recorded when the adapter was saved. Every message names the adapter."""
-    for layer in layers.values():
-        if adapter_name in layer.projection_edit_settings:
-            EditSpec(
-                name=adapter_name,
-                method=layer.projection_edit_settings[adapter_name].method,
-                forget=layer.projection_edit_forget[adapter_name],
-                retain=layer.projection_edit_retain[adapter_name]
-                if adapter_name in layer.projection_edit_retain
-                else None,
-            )  # validates: finite, every column set
-    if not recorded:
-        return
-    actual = factor_checksums(layers, adapter_name)
-    altered = sorted(key for key in set(recorded) | set(actual) if recorded.get(key) != actual.get(key))
-    if altered:
-        raise ValueError(
-            f"The factors of adapter {adapter_name!r} do not match the checksums recorded when it was saved "
-            f"({altered}): the weights file is corrupt or was altered after saving, so the edit may not be what its "
-            "config and card say. Re-download or rebuild it; `hf-clip-forget verify` recomputes the edit from its "
-            "recorded classes."
-        )
+                factor = store[adapter_name]
+                expected.append(ExpectedFactor(module, role, int(factor.shape[0]), int(factor.shape[1])))
+                state[f"{module}.{FACTOR_ATTRIBUTES[role]}"] = factor
+    check_incoming_state(config, adapter_name, state, expected)

@@ -21,9 +21,15 @@ from ..tuners.projection_edit.build import BuildInputs, build_adapter
 VERIFY_TOLERANCE = 1e-4
 
 
+#: Said of an adapter loaded with ``trust_unverified=True`` (its source carried no checksums or fingerprints).
+UNVERIFIED_NOTE = "unverified load (trust_unverified: no factor checksums or base fingerprints were checked)"
+
+
 @dataclass(frozen=True)
 class AdapterVerification:
-    """The verdict for one adapter: ``status`` is ``"match"``, ``"mismatch"`` or ``"unverifiable"``."""
+    """The verdict for one adapter: ``status`` is ``"match"``, ``"mismatch"``, ``"invalid"`` (its config describes
+    no edit that can be built — it names no class to forget, or settings that contradict each other: ``detail``
+    says why) or ``"unverifiable"``."""
 
     adapter_name: str
     status: str
@@ -70,7 +76,10 @@ def verify_forget_adapter(
     and compare the edit matrix ``M`` of every wrapped layer with the stored one (entry-wise, ``tolerance``).
 
     Adapters built from user-given vectors (``embedding_source="text_embeds"``) cannot be recomputed and are
-    reported as ``"unverifiable"``. ``tokenizer`` / ``image_processor`` default to the base checkpoint's own.
+    reported as ``"unverifiable"``. An adapter whose config cannot be rebuilt at all (a tampered one naming no
+    ``forgotten_classes``, or ``keep_shared_direction`` without ``retain_classes``…) is a finding, not a crash: it
+    is reported as ``"invalid"`` with the reason, and the report is not ``ok``. ``tokenizer`` / ``image_processor``
+    default to the base checkpoint's own.
     """
     names = list(adapter_names) if adapter_names is not None else list(model.peft_config)
     unknown = sorted(set(names) - set(model.peft_config))
@@ -91,7 +100,13 @@ def _verify_one(model: PeftModel, name: str, inputs: BuildInputs, tolerance: flo
     request = dataclasses.replace(
         config, rank_pattern={}, retain_rank_pattern={}, projection_shapes={}, factor_checksums={}, stack=[]
     )
-    rebuilt = build_adapter(model.get_base_model(), request, inputs)
+    try:
+        rebuilt = build_adapter(model.get_base_model(), request, inputs)
+    except ValueError as error:  # the config describes no buildable edit: what the adapter claims is false
+        # only the rebuild's own refusals (ValueError) are findings; any other exception is a bug and propagates
+        return AdapterVerification(
+            name, "invalid", None, tolerance, f"its config describes no edit that can be rebuilt: {_one_line(error)}"
+        )
     worst, worst_module = 0.0, None
     for module, layer in model.base_model.forget_layers().items():
         if name not in layer.projection_edit_settings:
@@ -108,7 +123,13 @@ def _verify_one(model: PeftModel, name: str, inputs: BuildInputs, tolerance: flo
         else f"`{worst_module}` differs from the edit of {list(config.forgotten_classes)}: the factors do not "
         "forget what the config and card say"
     )
+    if getattr(config, "trust_unverified", False):
+        detail = f"{UNVERIFIED_NOTE}; {detail}"
     return AdapterVerification(name, "match" if matches else "mismatch", worst, tolerance, detail)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _short(module: str, factors: dict) -> str:

@@ -35,7 +35,15 @@ from .cache import add_cache_parser
 from .calibrate import add_calibrate_parser
 from .commands import command_demo, command_eval, command_forget, command_sweep, command_verify
 from .detect import command_detect
-from .loading import CommandError, cached_image_features, load_adapter, load_data, load_dual_encoder, one_line
+from .loading import (
+    CommandError,
+    cached_image_features,
+    load_adapter,
+    load_data,
+    load_dual_encoder,
+    one_line,
+    trusting_unverified_adapters,
+)
 
 
 #: Exit status of a run ended by a user-fixable error (argparse's status for usage errors).
@@ -65,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-prompt-cache",
         action="store_true",
         help="encode every prompt anew instead of reusing cached prompt embeddings (also: HF_CLIP_FORGET_PROMPT_CACHE=0)",
+    )
+    parser.add_argument(
+        "--trust-unverified",
+        action="store_true",
+        help="load adapters whose config lacks factor checksums or base fingerprints (not saved by hf_clip_forget, or "
+        "stripped); everything else is still checked, and reports say 'unverified' (default: refuse them)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -247,7 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get("HF_CLIP_FORGET_DEBUG", "") not in ("", "0")
     try:
         # scoped: main() also runs in-process (tests, notebooks)
-        with torch.no_grad(), prompt_cache_disabled() if args.no_prompt_cache else contextlib.nullcontext():
+        with (
+            torch.no_grad(),
+            prompt_cache_disabled() if args.no_prompt_cache else contextlib.nullcontext(),
+            trusting_unverified_adapters(args.trust_unverified),
+        ):
             return args.handler(args)
     except Exception as error:
         message = None if debug else _error_message(error)

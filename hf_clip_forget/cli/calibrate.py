@@ -3,7 +3,7 @@ adapter (its config and card record the calibration)."""
 
 from __future__ import annotations
 
-from .commands import _split, _templates, _write_json
+from .commands import _split, _templates, _write_json, refuse_forgetting_every_class
 from .loading import (
     CommandError,
     check_output_path,
@@ -100,6 +100,7 @@ def command_calibrate(args) -> int:
     model, tokenizer, image_processor = load_dual_encoder(args.model)
     require_image_classifier(model, "calibrate")
     dataset, source = load_data(args.data, args.split)
+    refuse_forgetting_every_class(dataset, _split(args.classes), f"--classes {args.classes!r}")
     model, report = calibrate_forget_adapter(
         model,
         _split(args.classes),

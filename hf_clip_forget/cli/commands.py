@@ -34,6 +34,24 @@ def _templates(values: list[str] | None):
     return values
 
 
+def refuse_forgetting_every_class(dataset, forget, flags: str) -> None:
+    """A :class:`CommandError` when ``forget`` names every class that has images in ``dataset`` (``load_data``'s):
+    no image of a kept class is left, so no retain accuracy can be measured — and an edit forgetting every class
+    leaves a model that recognises nothing. ``flags`` names the options that chose the classes. Reads the label
+    column only (no image is decoded)."""
+    from ..evaluation import resolve_columns
+
+    label = resolve_columns(dataset).label
+    names = list(dataset.features[label].names)
+    present = [names[i] for i in sorted(set(dataset.unique(label)))]
+    if present and set(present) <= set(forget or ()):
+        raise CommandError(
+            f"{flags} forgets every class of --data ({', '.join(present)}), so no image of a kept class is left and "
+            "no retain accuracy can be measured; forgetting every class leaves a model that recognises nothing. "
+            "Forget fewer classes, or give --data with images of the classes to keep."
+        )
+
+
 def command_forget(args) -> int:
     from ..api import add_forget_adapter
 
@@ -149,6 +167,16 @@ def _eval_models(args) -> tuple[dict, str]:
     return {"before": args.model, "after": args.model}, note
 
 
+def _eval_forget_classes(args, model) -> tuple[list[str], str]:
+    """The classes ``eval`` scores as forgotten (``--forget``, else the loaded adapter's active ones) and the flag
+    that named them."""
+    if args.forget:
+        return _split(args.forget), f"--forget {args.forget!r}"
+    active = [name for name in getattr(model, "active_adapters", []) if name in getattr(model, "peft_config", {})]
+    classes = list(dict.fromkeys(c for name in active for c in model.peft_config[name].forgotten_classes))
+    return classes, f"--adapter {args.adapter!r} (forgetting {', '.join(classes)})"
+
+
 def command_eval(args) -> int:
     from ..evaluation import ForgettingReport, evaluate_edit, evaluate_zero_shot
 
@@ -166,6 +194,7 @@ def command_eval(args) -> int:
             require_image_classifier(reference, "eval")
             pairs.append((reference, reference_processor))
         data = load_data(args.data, args.split)
+        refuse_forgetting_every_class(data[0], *_eval_forget_classes(args, model))
     features, shared = _features(args, state, data, *pairs)
     if not state.is_main_process:
         return 0  # the main process evaluates and reports
@@ -223,6 +252,7 @@ def command_sweep(args) -> int:
         model, tokenizer, image_processor = load_dual_encoder(args.model)
         require_image_classifier(model, "sweep")
         data = load_data(args.data, args.split)
+        refuse_forgetting_every_class(data[0], classes, f"--classes {args.classes!r}")
     (features,), _ = _features(args, state, data, (model, image_processor))
     if not state.is_main_process:
         return 0  # the main process edits, evaluates and reports
@@ -357,5 +387,8 @@ def command_verify(args) -> int:
             f"verified: every adapter's stored edit equals the edit of the classes it names (max |ΔM| ≤ {args.tolerance:g})"
         )
         return 0
-    print("NOT VERIFIED: see the rows above (mismatch: the factors do not forget what the config and card say)")
+    print(
+        "NOT VERIFIED: see the rows above (mismatch: the factors do not forget what the config and card say; "
+        "invalid: the config describes no edit that can be rebuilt, so what it claims to forget is false)"
+    )
     return 1

@@ -6,6 +6,7 @@ A failure the user can fix becomes a :class:`CommandError` naming the file or re
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
 from ..families import SUPPORTED_MODEL_CLASSES, DualEncoderFamily, family_of_class, find_family
@@ -175,6 +176,20 @@ def require_image_classifier(model, command: str) -> None:
         )
 
 
+#: Set by the global ``--trust-unverified`` for the command that runs (see :func:`trusting_unverified_adapters`).
+_TRUST_UNVERIFIED: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_unverified", default=False)
+
+
+@contextlib.contextmanager
+def trusting_unverified_adapters(trust: bool = True):
+    """Within this context, :func:`load_adapter` passes ``trust_unverified=trust`` to the loader."""
+    token = _TRUST_UNVERIFIED.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST_UNVERIFIED.reset(token)
+
+
 def load_adapter(model, adapter: str):
     """``model`` with the forget adapter(s) saved at ``adapter`` (a directory or Hub id) loaded and active."""
     from ..api import ForgetPeftModel
@@ -194,7 +209,8 @@ def load_adapter(model, adapter: str):
             )
         )
     with _loading("adapter", adapter):
-        return ForgetPeftModel.from_pretrained(model, adapter)
+        options = {"trust_unverified": True} if _TRUST_UNVERIFIED.get() else {}
+        return ForgetPeftModel.from_pretrained(model, adapter, **options)
 
 
 def load_data(data: str, split: str):

@@ -98,5 +98,29 @@ def build_edit_factors(
         forget = normalize_rows(distinctive)
         retain = kept_rows
     if method == "nullspace":
-        return EditFactors(orthonormal_basis(forget, rtol=rtol))
-    return EditFactors(gram_factor(forget, rtol=rtol), gram_factor(retain, rtol=rtol) if retain is not None else None)
+        factors = EditFactors(orthonormal_basis(forget, rtol=rtol))
+    else:
+        factors = EditFactors(
+            gram_factor(forget, rtol=rtol), gram_factor(retain, rtol=rtol) if retain is not None else None
+        )
+    refuse_forgetting_everything(factors, method)
+    return factors
+
+
+def refuse_forgetting_everything(factors: EditFactors, method: str) -> None:
+    """Raise a ``ValueError`` when the forget directions span the whole embedding space and nothing is kept.
+
+    Then no class is left to recognise: a nullspace edit ``I − α QQᵀ`` with ``Q`` of full rank is ``(1 − α) I``
+    (every embedding mapped to ~0 at α = 1, e.g. to norm 5e-7 on the tiny test model; scaled alike otherwise,
+    which changes no prediction), and a CCUP edit with no retain set shrinks every direction. A CCUP edit that keeps
+    a retain set is a trade-off between the two sets and is allowed."""
+    dim, rank = factors.forget.shape
+    keeps_something = method == "ccup" and factors.retain is not None and factors.retain.shape[1] > 0
+    if rank >= dim and not keeps_something:
+        raise ValueError(
+            f"The forget directions span the whole {dim}-dimensional embedding space (rank {rank} of {dim}), so no "
+            "direction is left to keep: the edit would map every embedding to ~0 (or, with alpha < 1, scale all "
+            "of them alike). Forgetting every class leaves a model that recognises nothing. Name fewer classes "
+            f"(fewer than {dim} independent directions; with average_templates=False each template counts as one), "
+            "or name the classes to keep with `retain_classes`."
+        )

@@ -11,6 +11,12 @@ The fingerprint has two parts:
   to bfloat16 or float16 moves the sketch by ~1e-3 relative, while a different model gives an unrelated sketch
   (relative distance ~1), so two weights *match* when their hashes are equal or their sketches agree within
   :data:`SKETCH_TOLERANCE`.
+
+The edit also depends on the towers that embedded its prompts (and its prototypes): a base with the same projections
+but another text or vision tower would be given directions computed elsewhere. A :class:`TowerFingerprint` covers
+every tensor of a module cheaply — the sha256 of the tensors' names and shapes (exact), and a sketch of a fixed
+sample of :data:`TOWER_SAMPLE` entries of each tensor, ``Σ_t G_t s_t / ‖s‖`` with fixed seeded Gaussian ``G_t``
+(robust to dtype casts as above; another tower, or one tensor of it replaced, moves it far beyond the tolerance).
 """
 
 from __future__ import annotations
@@ -73,4 +79,66 @@ def fingerprint_weight(weight: Tensor) -> WeightFingerprint:
     return WeightFingerprint(tuple(as_float32.shape), digest, tuple(round(x, 8) for x in sketch.flatten().tolist()))
 
 
-__all__ = ["SKETCH_TOLERANCE", "WeightFingerprint", "fingerprint_weight"]
+#: Entries sampled per tensor by :func:`fingerprint_tensors`, at fixed evenly spaced positions.
+TOWER_SAMPLE = 64
+#: Length of a tower's sketch.
+TOWER_SKETCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class TowerFingerprint:
+    """Identity of a module's tensors: how many, the sha256 of their names and shapes, and a sampled sketch."""
+
+    tensors: int
+    structure: str
+    sketch: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {"kind": "sampled", "tensors": self.tensors, "structure": self.structure, "sketch": list(self.sketch)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TowerFingerprint:
+        if data.get("kind") != "sampled" or len(data.get("sketch", ())) != TOWER_SKETCH_SIZE:
+            raise ValueError(f"not a sampled tower fingerprint: {sorted(data)}")
+        return cls(int(data["tensors"]), str(data["structure"]), tuple(float(x) for x in data["sketch"]))
+
+    @property
+    def short(self) -> str:
+        return f"{self.tensors} tensors, structure {self.structure[:12]}"
+
+    def matches(self, other: TowerFingerprint) -> bool:
+        """Same tensor names and shapes, and the same sampled values up to a cast between float dtypes."""
+        if (self.tensors, self.structure) != (other.tensors, other.structure):
+            return False
+        mine, theirs = torch.tensor(self.sketch, dtype=torch.float64), torch.tensor(other.sketch, dtype=torch.float64)
+        return bool((mine - theirs).norm() <= SKETCH_TOLERANCE * max(mine.norm().item(), 1e-12))
+
+
+def fingerprint_tensors(tensors: dict[str, Tensor]) -> TowerFingerprint:
+    """The :class:`TowerFingerprint` of named tensors (floating ones are sampled; every name and shape counts)."""
+    structure = hashlib.sha256()
+    sketch = torch.zeros(TOWER_SKETCH_SIZE, dtype=torch.float64)
+    total = 0.0
+    for index, name in enumerate(sorted(tensors)):
+        tensor = tensors[name]
+        structure.update(f"|{name}|{tuple(tensor.shape)}".encode())
+        if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
+            continue
+        flat = tensor.detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, min(TOWER_SAMPLE, flat.numel())).round().long()
+        sample = flat[positions.to(flat.device)].to(device="cpu", dtype=torch.float64)
+        generator = torch.Generator().manual_seed(SKETCH_SEED + index)
+        sketch += torch.randn(TOWER_SKETCH_SIZE, sample.numel(), generator=generator, dtype=torch.float64) @ sample
+        total += float(sample.square().sum())
+    sketch /= max(total**0.5, 1e-30)
+    return TowerFingerprint(len(tensors), structure.hexdigest(), tuple(round(x, 8) for x in sketch.tolist()))
+
+
+__all__ = [
+    "SKETCH_TOLERANCE",
+    "TOWER_SAMPLE",
+    "TowerFingerprint",
+    "WeightFingerprint",
+    "fingerprint_tensors",
+    "fingerprint_weight",
+]

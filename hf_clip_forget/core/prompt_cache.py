@@ -20,11 +20,26 @@ the prompt string. Tensor hashes (sha256) are memoised by (identity, ``data_ptr`
 model costs about a millisecond, and any in-place change of a weight gives new embeddings.
 
 **Where**: a dict per key in memory, and one safetensors file per key under the Hugging Face cache directory,
-``$HF_HOME/hf_clip_forget/prompts/<key>.safetensors`` (next to the image-feature cache, ``.../features``), with the
-prompts and the key recorded in its metadata and a sha256 of its rows. Files are written atomically (a temporary file
+``$HF_HOME/hf_clip_forget/prompts/<key>.safetensors`` (next to the image-feature cache, ``.../features``). Its
+metadata records the key (``parts`` as JSON, whose hash is the file name), the prompts in row order, each row's
+identity (:func:`row_id`: sha256 of the key and the prompt) and one sha256 over all of them together — key, prompts,
+row identities, the rows' shape and bytes (:func:`_file_digest`). Files are written atomically (a temporary file
 renamed over the old one) under a file lock, merging the rows another process wrote meanwhile. A file that cannot be
-read, or whose key, prompts or checksum do not match, is ignored with a warning and rewritten: never a wrong
-embedding. A cache directory that cannot be written leaves the memory cache working, with a warning naming it.
+read, whose recorded key is not the one its name says, whose row identities are not those of its key and prompts, or
+whose checksum does not cover exactly its key, prompts and rows, is ignored *whole* with a warning and its rows
+recomputed and rewritten: never used. A cache directory that cannot be written leaves the memory cache working, with
+a warning naming it.
+
+**What the checks defend against, and what not.** The cache lives in the user's own ``HF_HOME``; it is a cache, not
+a trust boundary. The checks catch accidental damage (a truncated or partly written file, flipped bits, a file
+copied under another key's name, files of an older format) and edits of one part that leave the others as they were:
+prompts swapped or renamed in the metadata, a row edited with the checksum left alone or recomputed the way format 1
+did (over the rows only), a row moved to another key's file (its identity hashes that key). A row is only ever
+returned for the prompt and key whose identity it is stored under. They cannot catch a deliberate forgery by someone
+who can write the cache folder and rewrites *every* field consistently (new rows, identities and checksum by this
+module's own public recipe): without a secret no checksum can, and whoever can write ``HF_HOME`` can equally replace
+the models and code it holds. Clear the cache (``hf-clip-forget cache clear``) or turn it off (``use_cache=False``,
+``HF_CLIP_FORGET_PROMPT_CACHE=0``) if that folder is shared with someone you do not trust.
 
 **Bypass and management**: ``use_cache=False`` on ``encode_prompts``, ``class_text_embeddings``,
 ``add_forget_adapter`` and the harness; ``HF_CLIP_FORGET_PROMPT_CACHE=0`` (or ``false``/``off``/``no``) turns it off
@@ -55,8 +70,9 @@ from torch import Tensor
 #: The environment variable that turns the prompt cache off process-wide (``0``, ``false``, ``off`` or ``no``).
 PROMPT_CACHE_ENV = "HF_CLIP_FORGET_PROMPT_CACHE"
 _OFF, _ON = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes")
-#: Bump when the embeddings cached for the same key change meaning; old files are then ignored (their key differs).
-CACHE_FORMAT = 1
+#: Bump when the embeddings cached for the same key change meaning, or the file layout changes; old files are then
+#: ignored (their key differs). 2: the checksum covers key, prompts, row identities and rows together.
+CACHE_FORMAT = 2
 _SUFFIX = ".safetensors"
 #: Tokenizer init arguments that say where the files came from, not how text is tokenised.
 _TOKENIZER_PROVENANCE = ("name_or_path", "vocab_file", "tokenizer_file", "merges_file", "is_local", "local_files_only")
@@ -165,6 +181,12 @@ def _parts_json(parts: dict) -> str:
     return json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True)
 
 
+def row_id(parts_json: str, prompt: str) -> str:
+    """The identity of ``prompt``'s row under the key ``parts_json`` (its JSON, as the file records it): sha256 of
+    both, so that a row recorded under another prompt, or copied from another key's file, is not found."""
+    return hashlib.sha256(json.dumps([parts_json, prompt]).encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------- store
 @dataclass
 class _Entry:
@@ -218,8 +240,8 @@ def _read(path: str, parts_json: str, warn: bool = True) -> dict[str, Tensor] | 
         with safe_open(path, "pt") as file:
             metadata = file.metadata() or {}
             rows = file.get_tensor("embeddings")
-        prompts = json.loads(metadata["prompts"])
-        problem = _mismatch(metadata, parts_json, prompts, rows)
+        prompts, ids = json.loads(metadata["prompts"]), json.loads(metadata["rows"])
+        problem = _mismatch(metadata, parts_json, prompts, ids, rows)
     except Exception as error:  # noqa: BLE001 - any unreadable file means the same: recompute and rewrite it
         problem = f"it cannot be read ({type(error).__name__}: {error})"
     if problem and warn:
@@ -232,18 +254,41 @@ def _read(path: str, parts_json: str, warn: bool = True) -> dict[str, Tensor] | 
     return dict(zip(prompts, rows, strict=True))
 
 
-def _mismatch(metadata: dict, parts_json: str, prompts, rows: Tensor) -> str | None:
+def _mismatch(metadata: dict, parts_json: str, prompts, ids, rows: Tensor) -> str | None:
+    """Why the file's contents cannot be used under ``parts_json`` (``None``: they can)."""
     if metadata.get("key") != parts_json:
         return "its recorded key is not the one it is stored under"
-    if not isinstance(prompts, list) or rows.ndim != 2 or rows.shape[0] != len(prompts):
-        return "its prompts and rows do not match"
-    if rows.dtype != torch.float32 or metadata.get("sha256") != _rows_digest(rows):
-        return "its checksum does not match its rows"
+    if (
+        not isinstance(prompts, list)
+        or not isinstance(ids, list)
+        or not all(isinstance(prompt, str) for prompt in prompts)
+        or len(set(prompts)) != len(prompts)
+        or rows.ndim != 2
+        or rows.dtype != torch.float32
+        or rows.shape[0] != len(prompts)
+        or len(ids) != len(prompts)
+    ):
+        return "its prompts, row identities and rows do not match"
+    if metadata.get("sha256") != _file_digest(parts_json, prompts, ids, rows):
+        return "its checksum does not match its key, prompts and rows"
+    wrong = next((i for i, prompt in enumerate(prompts) if ids[i] != row_id(parts_json, prompt)), None)
+    if wrong is not None:
+        return (
+            f"row {wrong} is recorded for the prompt {prompts[wrong]!r} but its identity is another prompt's or key's"
+        )
     return None
 
 
-def _rows_digest(rows: Tensor) -> str:
-    return hashlib.sha256(rows.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+def _file_digest(parts_json: str, prompts: list[str], ids: list[str], rows: Tensor) -> str:
+    """sha256 of everything a file's rows mean together: the key, the prompts and row identities in row order, the
+    rows' dtype and shape, and their bytes. Changing any one of them (swapping two prompts, editing a row) without
+    recomputing this by the same recipe is detected."""
+    digest = hashlib.sha256(
+        json.dumps([CACHE_FORMAT, parts_json, prompts, ids, str(rows.dtype), list(rows.shape)]).encode()
+    )
+    digest.update(b"\0")
+    digest.update(rows.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _write(path: str, parts_json: str, new: dict[str, Tensor], entry: _Entry) -> None:
@@ -259,8 +304,14 @@ def _write(path: str, parts_json: str, new: dict[str, Tensor], entry: _Entry) ->
             rows = _read(path, parts_json, warn=False) or {}  # warned about when it was read
             rows.update(new)
             prompts = list(rows)
+            ids = [row_id(parts_json, prompt) for prompt in prompts]
             stacked = torch.stack([rows[prompt] for prompt in prompts]).contiguous()
-            metadata = {"key": parts_json, "prompts": json.dumps(prompts), "sha256": _rows_digest(stacked)}
+            metadata = {
+                "key": parts_json,
+                "prompts": json.dumps(prompts),
+                "rows": json.dumps(ids),
+                "sha256": _file_digest(parts_json, prompts, ids, stacked),
+            }
             handle, staging = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".partial")
             os.close(handle)
             try:
@@ -337,5 +388,6 @@ __all__ = [
     "prompt_cache_disabled",
     "prompt_cache_enabled",
     "prompt_cache_info",
+    "row_id",
     "tokenizer_key",
 ]

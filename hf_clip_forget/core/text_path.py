@@ -181,6 +181,14 @@ def text_path_tensors(model: nn.Module, path: TextPath) -> dict[str, Tensor]:
     return tensors
 
 
+def unedited_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer under ``module`` by name, a forget layer's *unedited* weight and bias in place of
+    its own tensors (never its factors), under the plain layer's names (as :func:`text_path_tensors`)."""
+    tensors: dict[str, Tensor] = {}
+    _collect(module, "", tensors)
+    return tensors
+
+
 def _direct_tensors(module: nn.Module):
     yield from module.named_parameters(recurse=False)
     yield from ((name, value) for name, value in module.named_buffers(recurse=False) if value is not None)
@@ -276,4 +284,5 @@ __all__ = [
     "text_path_in_training",
     "text_path_tensors",
     "text_side_edits",
+    "unedited_tensors",
 ]

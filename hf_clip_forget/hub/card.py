@@ -18,7 +18,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..api import ForgetPeftModel
 from ..core.calibration import DATA_ASSISTED
-from ..core.fingerprint import WeightFingerprint
+from ..core.fingerprint import TOWER_SAMPLE, TowerFingerprint
+from ..tuners.projection_edit.build import TOWER_KEY, fingerprint_from_record
 from ..families import family_of
 from .card_calibration import calibration_section
 from .card_rows import adapter_row, escape_markdown, method_notes, target_names
@@ -145,6 +146,20 @@ def _card_license(model: ForgetPeftModel, license: str | None, online: bool) -> 
     return {"license": UNKNOWN_LICENSE}, "unknown: the base model's license could not be determined"
 
 
+def fingerprint_row(key: str, data: dict) -> dict:
+    """What one ``base_fingerprints`` entry covers, for the Provenance table."""
+    fingerprint = fingerprint_from_record(key, data)
+    if isinstance(fingerprint, TowerFingerprint):
+        return {
+            "module": key.removeprefix(TOWER_KEY),
+            "covers": f"all {fingerprint.tensors} tensors (names and shapes exactly; {TOWER_SAMPLE} fixed entries "
+            f"of each, as a sketch)",
+            "sha256": fingerprint.structure,
+        }
+    shape = "×".join(map(str, fingerprint.shape))
+    return {"module": key, "covers": f"the weight ({shape}) in full", "sha256": fingerprint.sha256}
+
+
 def build_model_card(
     model: ForgetPeftModel,
     repo_id: str | None = None,
@@ -187,12 +202,7 @@ def build_model_card(
         unlearning_method=sorted({config.method for config in configs.values()}),
     )
     adapters = [adapter_row(name, config, name in active) for name, config in configs.items()]
-    fingerprints = [
-        {"module": module, "shape": "×".join(map(str, fp.shape)), "sha256": fp.sha256}
-        for module, fp in (
-            (module, WeightFingerprint.from_dict(data)) for module, data in first.base_fingerprints.items()
-        )
-    ]
+    fingerprints = [fingerprint_row(key, data) for key, data in first.base_fingerprints.items()]
     edited_modules = sorted({m for config in configs.values() for m in target_names(config)})
     versions = first.provenance.get("versions", {})
     template = resources.files("hf_clip_forget").joinpath("model_cards", TEMPLATE_NAME).read_text(encoding="utf-8")
@@ -223,6 +233,7 @@ def build_model_card(
         calibrations=[calibration_section(name, c) for name, c in configs.items() if getattr(c, "calibration", {})],
         data_assisted=DATA_ASSISTED,
         fingerprints=fingerprints,
+        unverified=[name for name, config in configs.items() if getattr(config, "trust_unverified", False)],
         created=escape_markdown(first.provenance.get("created", "unknown")),
         versions=", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in versions.items()) or "unknown",
     )

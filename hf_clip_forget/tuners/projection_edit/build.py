@@ -21,13 +21,15 @@ from torch import Tensor, nn
 from ...core import EditFactors, build_edit_factors, resolve_templates
 from ...core import domain_templates as templates_of_domain
 from ...core.domains import default_ccup_mu
-from ...core.fingerprint import fingerprint_weight
+from ...core.fingerprint import TowerFingerprint, WeightFingerprint, fingerprint_tensors, fingerprint_weight
 from ...core.prompt_cache import prompt_cache_disabled
+from ...core.text_path import unedited_tensors
 from ...core.tokenizer_checks import check_tokenizer_matches_model, warn_about_poorly_tokenized_classes
 from ...families import family_of
 from .config import ProjectionEditConfig
 from .embedder import Embedder, Embeddings, domain_aware
 from .estimate import effect_record, estimate_built_effect, may_be_weak, warn_if_weak
+from .integrity import tensor_sha256
 from .layer import ProjectionEditLayer
 from .neighbours import with_neighbour_names
 from .preprocessors import resolve_tokenizer
@@ -267,13 +269,27 @@ def _filled_config(model, config, templates, modules, factors: dict[str, EditFac
         base_model_name_or_path=shareable_model_id(getattr(model, "name_or_path", None)),
         tokenizer_name_or_path=shareable_model_id(config.tokenizer_name_or_path),
         base_fingerprints=base_fingerprints(model),
+        factor_checksums={
+            f"{name}.{role}": tensor_sha256(factor)
+            for name, f in factors.items()
+            for role, factor in (("forget", f.forget), ("retain", f.retain))
+            if factor is not None
+        },
         base_model_revision=getattr(model.config, "_commit_hash", None),
         provenance=provenance(),
     )
 
 
+#: Key prefix of a tower's entry in ``base_fingerprints`` (``"tower:text_model"``).
+TOWER_KEY = "tower:"
+
+
 def base_fingerprints(model: nn.Module) -> dict[str, dict]:
-    """Fingerprints of both projection weights of ``model`` as they are without any forget edit."""
+    """What the edit depends on, as ``ProjectionEditConfig.base_fingerprints`` records it: each projection weight
+    as it is without any forget edit (:class:`~hf_clip_forget.core.fingerprint.WeightFingerprint`, exact hash and
+    sketch), and every other top-level module of ``model`` — the towers that embedded the prompts and prototypes —
+    as a :class:`~hf_clip_forget.core.fingerprint.TowerFingerprint` (a fixed sample of each tensor), under
+    ``"tower:<module>"``."""
     fingerprints = {}
     for name in family_of(model).projections.values():
         layer = _submodule(model, name)
@@ -281,7 +297,38 @@ def base_fingerprints(model: nn.Module) -> dict[str, dict]:
             fingerprints[name] = fingerprint_weight(layer.unedited_weight()).to_dict()
         elif isinstance(layer, nn.Linear):
             fingerprints[name] = fingerprint_weight(layer.weight).to_dict()
+    for name, child in model.named_children():
+        tensors = unedited_tensors(child)
+        if name not in fingerprints and tensors:
+            fingerprints[TOWER_KEY + name] = fingerprint_tensors(tensors).to_dict()
     return fingerprints
+
+
+def fingerprint_from_record(key: str, record: dict) -> WeightFingerprint | TowerFingerprint:
+    """The fingerprint object of one ``base_fingerprints`` entry; a ``ValueError`` naming the entry when it is not
+    one this library writes."""
+    try:
+        if key.startswith(TOWER_KEY):
+            return TowerFingerprint.from_dict(record)
+        return WeightFingerprint.from_dict(record)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"`base_fingerprints[{key!r}]` is not a fingerprint this library writes ({error!r}); the adapter config "
+            "is corrupt or was altered."
+        ) from None
+
+
+def fingerprint_mismatches(model: nn.Module, recorded: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """``(mismatching, missing)``: the entries of ``recorded`` that ``model`` does not match (or lacks), and the
+    entries this library records for ``model`` that ``recorded`` does not hold."""
+    actual = base_fingerprints(model)
+    mismatching = []
+    for key, record in recorded.items():
+        expected = fingerprint_from_record(key, record)
+        found = actual.get(key)
+        if found is None or not expected.matches(fingerprint_from_record(key, found)):
+            mismatching.append(key)
+    return mismatching, sorted(set(actual) - set(recorded))
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import warnings
+from dataclasses import dataclass, field, fields
 
 from peft.config import PeftConfig
 
@@ -8,6 +10,7 @@ from ...core.calibration import STRENGTH_FIELDS, check_calibration_record
 from ...core.domains import PARADIGMS
 from ...core.subspace import DEFAULT_RANK_TOLERANCE, EDIT_METHODS, check_alpha, check_nonnegative
 from .registration import PEFT_TYPE, SAVED_PEFT_TYPE
+from .schema import EMPTY_WHEN_NULL, LOAD_OPTIONS, check_config_values, read_config_json, refuse_load_options
 
 
 #: Largest accepted CCUP weight: beyond it the closed form's float32 factors overflow (λ = 1e160 gave NaN logits),
@@ -113,9 +116,15 @@ class ProjectionEditConfig(PeftConfig):
             strength tried with its validation numbers, the chosen one (equal to this config's `alpha`, or
             `ccup_lambda`/`ccup_mu`), the accuracies before and after per class and per (domain, class) cell, and
             the validation set's size and sha256 — never its images. Empty: not calibrated (the strength was given).
-        verify_base_fingerprint (`bool`, defaults to `True`):
-            Check `base_fingerprints` when the adapter is loaded. Pass `verify_base_fingerprint=False` to
-            `from_pretrained` / `load_adapter` to apply an adapter to another base on purpose. Not saved.
+
+    Load options (attributes, never saved — a file must not be able to switch a check off; pass them to
+    `from_pretrained` / `ForgetPeftModel.from_pretrained` / `load_adapter`):
+
+    - `verify_base_fingerprint` (default `True`): check `base_fingerprints` against the model. `False` applies an
+      adapter to another base on purpose.
+    - `trust_unverified` (default `False`): accept a saved adapter whose config lacks `factor_checksums` or
+      `base_fingerprints` (one not saved by this library, or stripped). Its factors are then not checked against
+      checksums, and its card and `verify` report say "unverified".
     """
 
     target_modules: list[str] | str | None = field(
@@ -206,20 +215,19 @@ class ProjectionEditConfig(PeftConfig):
             "numbers, the set's size and sha256; never images); empty: not calibrated."
         },
     )
-    verify_base_fingerprint: bool = field(
-        default=True,
-        metadata={
-            "help": "Refuse to load onto a base whose projection weights do not match `base_fingerprints`. Pass "
-            "`verify_base_fingerprint=False` to `from_pretrained`/`load_adapter` to apply an adapter to another "
-            "base deliberately. Never saved."
-        },
-    )
     # peft's generic code reads these two through getattr; declared so that they are explicit and validated
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Not supported (nothing trains)."})
     target_parameters: list[str] | None = field(default=None, metadata={"help": "Not supported."})
 
     def __post_init__(self):
+        # one declared schema for every field (types, lengths, nesting) before anything reads them
+        check_config_values({f.name: getattr(self, f.name) for f in fields(self)})
+        for name, spec in EMPTY_WHEN_NULL.items():
+            if getattr(self, name, ()) is None:
+                setattr(self, name, {} if spec.expected.startswith("an object") else [])
         super().__post_init__()
+        self.verify_base_fingerprint = True
+        self.trust_unverified = False
         # JSON gives back the saved string; the in-memory type is always the enum member
         self.peft_type = PEFT_TYPE
         self.inference_mode = True  # nothing is trainable; the flag only steers peft's requires_grad handling
@@ -303,6 +311,34 @@ class ProjectionEditConfig(PeftConfig):
                     "the adapter config is corrupt or altered."
                 )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        """Load a saved forget adapter's config — untrusted input — and check it and its weights file before
+        anything is injected (peft's ``PeftModel.from_pretrained`` and ``load_adapter`` call this).
+
+        The file is read strictly (UTF-8 JSON, bounded size and nesting) and every field checked against one schema;
+        a saved load option is refused; the config must carry its factor checksums and base fingerprints (unless
+        ``trust_unverified=True``) and describe an edit that is not the identity; ``adapter_model.safetensors`` must
+        hold exactly the declared float32 factors, finite and equal to their checksums (and, in a local directory,
+        not be a link leaving it). Load options: ``verify_base_fingerprint`` and ``trust_unverified`` (see the class
+        docs). Other keyword arguments go to ``huggingface_hub.hf_hub_download``.
+        """
+        from .integrity import check_saved_config, check_weights_file
+
+        options = {name: kwargs.pop(name) for name in LOAD_OPTIONS if name in kwargs}
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        source = os.fspath(pretrained_model_name_or_path)
+        directory, local = _adapter_directory(source, subfolder, hub_kwargs)
+        where = os.path.join(source, subfolder) if subfolder else source
+        values = read_config_json(os.path.join(directory, "adapter_config.json"))
+        refuse_load_options(values, where)
+        config = cls(**_known_fields(cls, values, where))
+        for name, value in options.items():
+            setattr(config, name, bool(value))
+        check_saved_config(config, where)
+        check_weights_file(directory, config, where, local)
+        return config
+
     def forget_names(self) -> list[str]:
         """The names whose directions are forgotten: the classes, then the neighbour words found for them."""
         return [*self.forgotten_classes, *(w for words in self.neighbour_names.values() for w in words)]
@@ -310,9 +346,32 @@ class ProjectionEditConfig(PeftConfig):
     def to_dict(self) -> dict:
         output = super().to_dict()
         output["peft_type"] = SAVED_PEFT_TYPE  # see registration.SAVED_PEFT_TYPE
-        # a per-load decision, not a property of the adapter; peft lets saved fields override load-time kwargs
-        output.pop("verify_base_fingerprint", None)
-        return output
+        return output  # load options are attributes, not fields: never saved
+
+
+def _adapter_directory(source: str, subfolder: str | None, hub_kwargs: dict) -> tuple[str, bool]:
+    """``(local directory holding the adapter's files, whether it is the user's own directory)``; a Hub repo's
+    config and weights are downloaded (into the Hub cache, where peft finds them again)."""
+    local = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isdir(local):
+        return local, True
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config_path = hf_hub_download(source, "adapter_config.json", subfolder=subfolder, **hub_kwargs)
+        hf_hub_download(source, "adapter_model.safetensors", subfolder=subfolder, **hub_kwargs)
+    except Exception as error:  # noqa: BLE001 - what matters is what the user can do about it
+        raise ValueError(f"Can't load a forget adapter from {source!r}: {error}") from error
+    return os.path.dirname(config_path), False
+
+
+def _known_fields(cls, values: dict, where: str) -> dict:
+    """``values`` without fields this version does not know (a newer library's), with a warning, as peft does."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown adapter config fields {unknown} (saved by a newer version?).")
+    return {name: value for name, value in values.items() if name in known}
 
 
 def _is_count(value) -> bool:

@@ -8,12 +8,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ...core.fingerprint import WeightFingerprint, fingerprint_weight
 from ...families import family_of
-from .build import BuildInputs, build_adapter, can_build, is_built
+from .build import BuildInputs, build_adapter, can_build, fingerprint_mismatches, is_built
 from .config import ProjectionEditConfig
+from .integrity import adapter_is_unset, check_incoming_state, discard_adapter, factor_checksums, factors_of_model
 from .layer import EditSettings, ProjectionEditLayer, refuse_mixed_batch
 from .modules import Linear, OutputEdit
+from .names import check_adapter_name
 from .registration import PREFIX
 
 
@@ -70,6 +71,7 @@ class ProjectionEditModel(BaseTuner):
         """peft's injection, preceded by building the edit when the config is a request (it names classes but has
         no factors yet): ``get_peft_model``, ``PeftModel.add_adapter``, ``inject_adapter_in_model`` and
         transformers' ``model.add_adapter(config)`` all arrive here."""
+        check_adapter_name(adapter_name)  # every adapter name enters here: add_adapter, from_pretrained, load_adapter
         self._check_name_is_new(adapter_name)
         config = self.peft_config[adapter_name]
         built = None
@@ -91,12 +93,13 @@ class ProjectionEditModel(BaseTuner):
 
     def _check_new_adapter_config(self, config: ProjectionEditConfig) -> None:
         # runs before anything is injected: refuse adapters built for another base here, not midway
-        family_of(self.model)
+        family = family_of(self.model)
         if not config.inference_mode:
             raise ValueError(
                 "Forget adapters are closed-form edits with nothing to train; load them with is_trainable=False "
                 "(the default)."
             )
+        self._check_targets(config, family)
         self._check_not_a_partial_stack(config)
         for suffix, shape in config.projection_shapes.items():
             base = self._projection(suffix)
@@ -114,8 +117,43 @@ class ProjectionEditModel(BaseTuner):
                         f"The adapter asks for {rank} factor columns on `{suffix}`, which has only {out_features} "
                         "output features. The adapter config is corrupt or altered; nothing was allocated."
                     )
-        if config.verify_base_fingerprint:
+        if is_built(config) and config.verify_base_fingerprint and (config.base_fingerprints or not config.trust_unverified):
             self._check_base_fingerprints(config)
+
+    def _check_targets(self, config: ProjectionEditConfig, family) -> None:
+        """A forget adapter edits the family's embedding layers and nothing else (peft would wrap any module a
+        config names, an attention layer included)."""
+        allowed = set(family.projections.values())
+        targets = config.target_modules
+        named = sorted(targets) if targets is not None else []
+        built_for = set(config.rank_pattern) | set(config.projection_shapes)
+        others = sorted((set(named) | built_for) - allowed)
+        if others:
+            raise ValueError(
+                f"This forget adapter targets {others}, which are not the embedding layers of this {family.name} "
+                f"model ({sorted(allowed)}): a forget edit is defined on the layers that produce the joint "
+                "embeddings only. The adapter config is corrupt or was altered; nothing was injected."
+            )
+        if is_built(config) and set(named) != set(config.rank_pattern):
+            raise ValueError(
+                f"This adapter's `target_modules` {named} differ from the layers its factors are for "
+                f"{sorted(config.rank_pattern)}; the adapter config is corrupt or was altered."
+            )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """The one gate of every state-dict load (peft's ``set_peft_model_state_dict``, which ``from_pretrained``
+        and ``load_adapter`` use): the state dict must be exactly this adapter's checked factors
+        (:func:`~.integrity.check_incoming_state`). When it is refused and the adapter was created for this load,
+        it is taken out again, so the caller's base model is as it was."""
+        fresh = adapter_is_unset(model, adapter_name)
+        try:
+            check_incoming_state(config, adapter_name, state_dict, factors_of_model(model, adapter_name))
+        except ValueError:
+            if fresh:
+                discard_adapter(model, adapter_name)
+            raise
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -141,17 +179,23 @@ class ProjectionEditModel(BaseTuner):
             )
 
     def _check_base_fingerprints(self, config: ProjectionEditConfig) -> None:
-        for suffix, recorded in config.base_fingerprints.items():
-            expected = WeightFingerprint.from_dict(recorded)
-            actual = fingerprint_weight(self.unedited_weight(suffix))
-            if not expected.matches(actual):
-                raise ValueError(
-                    f"Base model fingerprint mismatch for `{suffix}`: the adapter was built on a base whose weight "
-                    f"has fingerprint {expected.short}, but this model's is {actual.short}. A forget edit computed "
-                    "for one model removes the wrong directions from another. Load the base model the adapter was "
-                    "built for, or, to apply it to this base deliberately, pass `verify_base_fingerprint=False` to "
-                    "`from_pretrained` / `load_adapter`."
-                )
+        """The base must be the one the adapter was built on: its projection weights and every tower (see
+        :func:`~.build.base_fingerprints`). A record that lacks entries this library writes is refused unless
+        ``trust_unverified``."""
+        mismatching, missing = fingerprint_mismatches(self.model, config.base_fingerprints)
+        if mismatching:
+            raise ValueError(
+                f"Base model fingerprint mismatch for {mismatching}: the adapter was built on a base whose weights "
+                "differ from this model's there. A forget edit computed for one model removes the wrong directions "
+                "from another. Load the base model the adapter was built for, or, to apply it to this base "
+                "deliberately, pass `verify_base_fingerprint=False` to `from_pretrained` / `load_adapter`."
+            )
+        if missing and not config.trust_unverified:
+            raise ValueError(
+                f"The adapter's `base_fingerprints` lack {missing}, which hf_clip_forget records for this model: the "
+                "base it was built on cannot be fully checked. The config is from an older version or was altered; "
+                "rebuild it, or load it with `trust_unverified=True` if you trust its source."
+            )
 
     def _projection(self, suffix: str) -> nn.Module:
         """The (unwrapped) layer named ``suffix``; a clear error when the model has none."""
@@ -251,6 +295,9 @@ class ProjectionEditModel(BaseTuner):
                 raise KeyError(f"No forget layer named {suffix!r}; wrapped layers: {sorted(layers)}.")
             for layer in matching:
                 layer.set_factors(adapter_name, forget, retain)
+        if adapter_name in self.peft_config:
+            # the config records what its factors are: the load gate and a later save check against it
+            self.peft_config[adapter_name].factor_checksums = factor_checksums(self.forget_layers(), adapter_name)
 
     @contextlib.contextmanager
     def edits_bypassed(self):
