@@ -10,14 +10,14 @@ import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import torch
 from peft import PeftModel
 from torch import nn
 
-from ..files import rewrite_adapter_configs, write_directory_atomically
+from ..files import write_directory_atomically
 from ..tuners.projection_edit import ProjectionEditConfig, loading_whole_stack
+from ..tuners.projection_edit.schema import LOAD_OPTIONS
+from ..tuners.projection_edit.integrity import restored_on_failure
 from ..tuners.projection_edit.layer import refuse_mixed_batch
-from ..tuners.projection_edit.provenance import shareable_model_id
 from .saved import check_forget_peft_type, check_loaded_factors, factor_checksums, read_adapter_config, saved_adapters
 
 
@@ -120,13 +120,18 @@ class ForgetPeftModel(PeftModel):
         """``PeftModel.save_pretrained``, with each adapter's config recording the checksums of its factors and,
         at the root of a stack, the names of all adapters saved together. Written atomically: a failure midway
         leaves the files of an earlier save as they were (see :func:`hf_clip_forget.files.write_directory_atomically`).
-        ``audit``: a report of :meth:`audit_forgetting` on this model, shown in the card and saved as ``audit.json``."""
+        ``audit``: a report of :meth:`audit_forgetting` on this model, shown in the card and saved as ``audit.json``.
+
+        ``base_model_name_or_path`` is written as peft, LoRA and transformers' ``model.save_pretrained`` write it:
+        where the base model was loaded from, a local directory included, so that ``PeftModel.from_pretrained`` and
+        ``CLIPModel.from_pretrained(save_directory)`` find it. Only :meth:`push_to_hub` replaces a local directory,
+        by the base's Hub id or ``null`` (see :mod:`hf_clip_forget.tuners.projection_edit.provenance`)."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
 
         def write(staging: str) -> None:
             with self._configs_as_saved(names):
+                # peft fills an unset base_model_name_or_path with the base model's name_or_path
                 super(ForgetPeftModel, self).save_pretrained(staging, selected_adapters=selected_adapters, **kwargs)
-            _forget_local_base_paths(staging)
             if audit is not None:
                 self._write_card(staging, merged=False, audit=audit)
 
@@ -162,7 +167,9 @@ class ForgetPeftModel(PeftModel):
         (``CLIPModel.from_pretrained(save_directory)`` loads it), with the given tokenizer and image processor (or
         ``processor``) so that ``pipeline("zero-shot-image-classification", model=save_directory)`` works. This
         model itself is not modified. Atomic, as :meth:`save_pretrained`; the card lists what was forgotten (and
-        the ``audit``, as :meth:`save_pretrained`)."""
+        the ``audit``, as :meth:`save_pretrained`). Merged weights that would hold NaN or inf raise peft's
+        ``ValueError`` ("NaNs detected in the merged weights. The adapter <name> seems to be broken") before anything
+        is written. A merged checkpoint holds no adapter config, so no ``base_model_name_or_path``."""
 
         def write(staging: str) -> None:
             with self._merged_plain_layers():
@@ -192,20 +199,24 @@ class ForgetPeftModel(PeftModel):
 
     @contextlib.contextmanager
     def _merged_plain_layers(self):
-        """Temporarily replace every forget layer by a plain ``nn.Linear`` holding its merged weight."""
+        """Temporarily replace every forget layer by a plain ``nn.Linear`` holding its merged weight: what its forward
+        applies (the merged and the active adapters), computed and checked by ``merged_weight`` before anything is
+        swapped or written — NaN or inf raise peft's ``ValueError`` ("NaNs detected in the merged weights. The
+        adapter <name> seems to be broken")."""
+        for layer in self.base_model.forget_layers().values():
+            layer._refuse_merge()
+        planned = []
+        for name, layer in self.base_model.forget_layers().items():
+            active = [n for n in self.active_adapters if n in layer.projection_edit_settings]
+            if active or layer.merged:
+                merged, bias = layer.merged_weight(active), layer.merged_bias(active)
+            else:
+                merged, bias = layer.unedited_weight().clone(), layer.unedited_bias()
+                bias = None if bias is None else bias.detach().clone()
+            planned.append((name, layer, merged, bias))
         swapped = []
         try:
-            for layer in self.base_model.forget_layers().values():
-                layer._refuse_merge()  # before anything is swapped or written
-            for name, layer in self.base_model.forget_layers().items():
-                active = [n for n in self.active_adapters if n in layer.projection_edit_settings]
-                merged = layer.unedited_weight().clone()
-                bias = layer.unedited_bias()
-                bias = None if bias is None else bias.detach().clone()
-                if active:
-                    edit = layer.combined_edit(active)
-                    merged = edit.apply_to_weight(merged.to(torch.float32)).to(merged.dtype)
-                    bias = None if bias is None else edit.apply(bias.to(torch.float32)).to(bias.dtype)
+            for name, layer, merged, bias in planned:
                 plain = nn.Linear(
                     layer.in_features,
                     layer.out_features,
@@ -236,7 +247,7 @@ class ForgetPeftModel(PeftModel):
         repo id. Adapters of other peft methods, and factors that are not finite or differ from their recorded
         checksums, are refused; on any failure ``model`` is left as it was.
         """
-        with _quiet_peft_wrapping():
+        with _quiet_peft_wrapping(), restored_on_failure(model):
             if "subfolder" in kwargs or "config" in kwargs:
                 _check_single_adapter(model_id, kwargs)
                 return super().from_pretrained(model, model_id, adapter_name=adapter_name, **kwargs)
@@ -278,27 +289,26 @@ class ForgetPeftModel(PeftModel):
         raw = read_adapter_config(str(model_id), location.get("subfolder"), **hub_kwargs)
         if raw is not None:
             check_forget_peft_type(raw, str(model_id))
-        verify_base_fingerprint = kwargs.pop("verify_base_fingerprint", None)
-        replacement = None
-        if raw is not None and adapter_name in self.peft_config:
-            _check_same_settings(self.peft_config[adapter_name], raw, adapter_name)
-            replacement = ProjectionEditConfig.from_pretrained(str(model_id), **location, **hub_kwargs)
-            if verify_base_fingerprint is not None:
-                replacement.verify_base_fingerprint = verify_base_fingerprint
+        options = {name: kwargs.pop(name) for name in LOAD_OPTIONS if name in kwargs}
+        previous = self.peft_config.get(adapter_name)
+        if raw is not None and previous is not None:
+            _check_same_settings(previous, raw, adapter_name)
+            # the gate checks the incoming factors against the config they come with: install it first
+            replacement = ProjectionEditConfig.from_pretrained(str(model_id), **location, **hub_kwargs, **options)
             self.base_model._check_new_adapter_config(replacement)  # shapes, ranks and base fingerprints
-        elif verify_base_fingerprint is not None:
-            # peft's load_adapter does not pass config options on: inject with the option set, then load into it
-            config = ProjectionEditConfig.from_pretrained(str(model_id), **location, **hub_kwargs)
-            config.verify_base_fingerprint = verify_base_fingerprint
+            self.peft_config[adapter_name] = replacement
+        elif options:
+            # peft's load_adapter does not pass config options on: inject with the options set, then load into it
+            config = ProjectionEditConfig.from_pretrained(str(model_id), **location, **hub_kwargs, **options)
             self.add_adapter(adapter_name, config)
         try:
             result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
-            if replacement is not None:
-                self.peft_config[adapter_name] = replacement
-            layers = self.base_model.forget_layers()
-            check_loaded_factors(layers, adapter_name, self.peft_config[adapter_name].factor_checksums)
+            check_loaded_factors(self.base_model.forget_layers(), adapter_name, self.peft_config[adapter_name])
         except BaseException:
-            self._discard(adapter_name)
+            if previous is not None:
+                self.peft_config[adapter_name] = previous
+            else:
+                self._discard(adapter_name)
             raise
         return result
 
@@ -313,12 +323,6 @@ class ForgetPeftModel(PeftModel):
             if layer.merged:
                 layer.unmerge()
         self.delete_adapter(adapter_name)
-
-
-def _forget_local_base_paths(directory: str) -> None:
-    """peft fills an unset ``base_model_name_or_path`` with the base model's ``name_or_path`` while saving, a local
-    path included: put back null wherever that is not a shareable id (see ``shareable_model_id``)."""
-    rewrite_adapter_configs(directory, "base_model_name_or_path", lambda value: value and shareable_model_id(value))
 
 
 def _refusing_mixed_batches(method):

@@ -19,8 +19,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from ..api import ForgetPeftModel
 from ..core.calibration import DATA_ASSISTED
 from ..core.fingerprint import TOWER_SAMPLE, TowerFingerprint
-from ..tuners.projection_edit.build import TOWER_KEY, fingerprint_from_record
 from ..families import family_of
+from ..tuners.projection_edit.build import TOWER_KEY, fingerprint_from_record
 from .card_calibration import calibration_section
 from .card_rows import adapter_row, escape_markdown, method_notes, target_names
 

@@ -5,6 +5,10 @@ one, so the upload is done here: save into a temporary directory, write this pac
 ``HfApi.upload_folder`` commit. A failed upload raises; nothing is reported as success unless the commit landed.
 A merged upload carries the tokenizer and image processor, so that the repo works as it is (``pipeline``); no
 uploaded file names a local path of the uploader's machine.
+
+``base_model_name_or_path``: a local save records where the base model was loaded from, a local directory included
+(as peft does; see :mod:`hf_clip_forget.tuners.projection_edit.provenance`); an upload records the base's Hub id
+instead, or ``null`` when it was not loaded from the Hub, and is refused if any text file still names the directory.
 """
 
 from __future__ import annotations
@@ -168,8 +172,9 @@ def _preprocessors(model: ForgetPeftModel, merged: bool, tokenizer, image_proces
 
 def _name_base_by_hub_id(folder: str, model: ForgetPeftModel) -> None:
     """Make every adapter config's ``base_model_name_or_path`` the base model's Hub id, or ``null`` when it was not
-    loaded from the Hub: a local path (or a part of one) names a directory of the uploader's machine, private and
-    useless to anyone else, and a bare directory name would pass for a Hub id."""
+    loaded from the Hub: the local path a local save records (so that the base is found on the author's machine)
+    names a directory of the uploader's machine, private and useless to anyone else, and a bare directory name would
+    pass for a Hub id. Only the uploaded copy changes: the model's configs and earlier local saves keep the path."""
     base = base_model_id(model)
     rewrite_adapter_configs(folder, "base_model_name_or_path", lambda _: base)
 

@@ -33,7 +33,7 @@ from .integrity import tensor_sha256
 from .layer import ProjectionEditLayer
 from .neighbours import with_neighbour_names
 from .preprocessors import resolve_tokenizer
-from .provenance import provenance, shareable_model_id
+from .provenance import base_model_source, provenance, shareable_model_id
 
 
 PROTOTYPE_OPTIONS = {"steps", "learning_rate", "grid", "tv_weight", "jitter", "batch_size", "seed"}
@@ -266,7 +266,7 @@ def _filled_config(model, config, templates, modules, factors: dict[str, EditFac
             name: list(projection_shape(model, name)) for name in modules if is_mergeable_side(family_of(model), name)
         },
         mergeable=all(is_mergeable_side(family_of(model), name) for name in modules),
-        base_model_name_or_path=shareable_model_id(getattr(model, "name_or_path", None)),
+        base_model_name_or_path=base_model_source(model, config.base_model_name_or_path),
         tokenizer_name_or_path=shareable_model_id(config.tokenizer_name_or_path),
         base_fingerprints=base_fingerprints(model),
         factor_checksums={

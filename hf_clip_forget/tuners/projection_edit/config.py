@@ -370,7 +370,9 @@ def _known_fields(cls, values: dict, where: str) -> dict:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        warnings.warn(f"{where}: ignoring unknown adapter config fields {unknown} (saved by a newer version?).")
+        warnings.warn(
+            f"{where}: ignoring unknown adapter config fields {unknown} (saved by a newer version?).", stacklevel=3
+        )
     return {name: value for name, value in values.items() if name in known}
 
 

@@ -324,7 +324,9 @@ def restored_on_failure(model: nn.Module):
     loader injected) and its ``peft_config`` and ``_hf_peft_config_loaded`` attributes as they were, then
     propagates."""
     modules = dict(model.named_modules())
-    attributes = {name: model.__dict__[name] for name in ("peft_config", "_hf_peft_config_loaded") if name in model.__dict__}
+    attributes = {
+        name: model.__dict__[name] for name in ("peft_config", "_hf_peft_config_loaded") if name in model.__dict__
+    }
     configs = dict(attributes["peft_config"]) if isinstance(attributes.get("peft_config"), dict) else None
     try:
         yield

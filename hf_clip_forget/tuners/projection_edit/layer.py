@@ -243,20 +243,40 @@ class ProjectionEditLayer(BaseTunerLayer):
     def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
         """``M W₀`` for the union of the already merged adapters and ``adapter_names``, in the weight's dtype.
 
-        Computes without writing anything; raises a ``ValueError`` if the result is not finite, or if the layer
-        is not mergeable.
+        Computes without writing anything; raises a ``ValueError`` if the layer is not mergeable, or, with peft's
+        wording ("NaNs detected in the merged weights. The adapter <name> seems to be broken", as LoRA's
+        ``merge(safe_merge=True)``), if a factor of the union or the result holds NaN or inf: the adapters whose
+        factors are not finite are named, else every adapter of the union (a weight that is not finite itself, or an
+        edit that overflows its dtype). Every merge path (``merge``, ``merge_adapter``, ``merge_and_unload``, with or
+        without ``safe_merge``, ``save_merged_pretrained``) computes the weight here first.
         """
+
+        def broken(names: list[str], reason: str) -> ValueError:
+            return ValueError(
+                f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken: {reason}. "
+                "Nothing was merged."
+            )
+
         self._refuse_merge()
+        union = dict.fromkeys([*self.merged_adapters, *adapter_names])
+        names = [name for name in union if name in self.projection_edit_settings]
+        stores = (self.projection_edit_forget, self.projection_edit_retain)
+        corrupt = [n for n in names if not all(torch.isfinite(s[n]).all() for s in stores if n in s)]
+        if corrupt:  # checked before composing, which would refuse them in other words
+            reason = (
+                "its factors hold NaN or inf values (a corrupted file or a failed build); delete it and build or load "
+                "it again"
+            )
+            raise broken(corrupt, reason)
         pristine = self.unedited_weight()
-        edit = self.combined_edit(list(self.merged_adapters) + list(adapter_names))
+        edit = self.combined_edit(names)
         merged = edit.apply_to_weight(pristine.to(torch.float32)).to(pristine.dtype)
         bias = self.merged_bias(adapter_names)
         if not torch.isfinite(merged).all() or (bias is not None and not torch.isfinite(bias).all()):
-            # peft's wording ("The adapter default seems to be broken"), naming every adapter of the union
-            broken = ", ".join(dict.fromkeys(list(self.merged_adapters) + list(adapter_names)))
-            raise ValueError(
-                f"NaNs detected in the merged weights. The adapter {broken} seems to be broken; nothing was merged."
-            )
+            base_bias = self.unedited_bias()
+            if not torch.isfinite(pristine).all() or (base_bias is not None and not torch.isfinite(base_bias).all()):
+                raise broken(names, "the layer's own weight or bias holds NaN or inf values")
+            raise broken(names, f"merging it takes the weight past the range of {pristine.dtype}")
         return merged
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -117,7 +117,11 @@ class ProjectionEditModel(BaseTuner):
                         f"The adapter asks for {rank} factor columns on `{suffix}`, which has only {out_features} "
                         "output features. The adapter config is corrupt or altered; nothing was allocated."
                     )
-        if is_built(config) and config.verify_base_fingerprint and (config.base_fingerprints or not config.trust_unverified):
+        if (
+            is_built(config)
+            and config.verify_base_fingerprint
+            and (config.base_fingerprints or not config.trust_unverified)
+        ):
             self._check_base_fingerprints(config)
 
     def _check_targets(self, config: ProjectionEditConfig, family) -> None:
@@ -340,6 +344,11 @@ class ProjectionEditModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
+            merged = [layer for layer in self.forget_layers().values() if layer.merged]
+            for layer in merged:
+                layer.merged_weight([])  # raises peft's NaN error before anything is written
+            for layer in merged:
+                layer._check_merged_weight()  # merged anew from current factors, as the forward does
             # merge atomically first, so a failure leaves the wrapped model exactly as it was
             self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
         else:

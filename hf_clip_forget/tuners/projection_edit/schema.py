@@ -76,7 +76,7 @@ COUNT = Spec("an integer >= 0", lambda v: _is_int(v) and v >= 0)
 NAMES = Spec("a list of non-empty strings", _list_of(_is_name))
 OPTIONAL_NAMES = Spec("a list of non-empty strings, or null", _optional(_list_of(_is_name)))
 TARGETS = Spec(
-    "a list of layer names (the family's image and/or text embedding layer, e.g. [\"visual_projection\"]), or null",
+    'a list of layer names (the family\'s image and/or text embedding layer, e.g. ["visual_projection"]), or null',
     lambda v: v is None or (isinstance(v, (list, tuple, set, frozenset)) and all(_is_name(x) for x in v)),
 )
 RANKS = Spec("an object mapping layer names to integers >= 1", _dict_of(lambda v: _is_int(v) and v >= 1))
