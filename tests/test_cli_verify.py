@@ -39,3 +39,21 @@ def test_verify_passes_an_honest_adapter_and_fails_one_whose_factors_forget_some
     assert main(["verify", str(base_dir), str(tmp_path / "dog")]) == 1
     out = capsys.readouterr().out
     assert "mismatch" in out and "NOT VERIFIED" in out
+
+
+def test_an_adapter_without_its_checks_needs_trust_unverified_and_is_reported_unverified(tmp_path, tokenizer, capsys):
+    base_dir = tmp_path / "base"
+    tiny_clip().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    tiny_image_processor().save_pretrained(base_dir)
+    add_forget_adapter(CLIPModel.from_pretrained(base_dir), ["dog"], tokenizer, show_progress=False).save_pretrained(
+        tmp_path / "dog"
+    )
+    config_path = tmp_path / "dog" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["factor_checksums"], config["base_fingerprints"]  # deleting a check must not switch it off
+    config_path.write_text(json.dumps(config))
+    assert main(["verify", str(base_dir), str(tmp_path / "dog")]) == 2
+    assert "trust_unverified" in capsys.readouterr().err
+    assert main(["--trust-unverified", "verify", str(base_dir), str(tmp_path / "dog")]) == 0
+    assert "unverified load" in capsys.readouterr().out
