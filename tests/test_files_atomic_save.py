@@ -1,5 +1,7 @@
-"""Saving writes into the target directory, file by file, and never replaces the directory itself (issue 10,
-item 9): links, mount points, modes and the user's files survive, and a failed save changes nothing."""
+"""Saving keeps what the target is (issue 10, item 9): a link stays a link, a mount point stays mounted, the
+directory keeps its mode, owner and attributes, the user's files survive, and a failed save changes nothing. The
+whole directory is exchanged in one step where it can be, else files are installed one by one, journaled (crashes:
+tests/test_save_crash.py)."""
 
 import contextlib
 import os
@@ -8,6 +10,7 @@ import subprocess
 
 import pytest
 
+from hf_clip_forget import files
 from hf_clip_forget.files import STAGING_PREFIX, write_directory_atomically
 
 
@@ -112,6 +115,8 @@ def test_a_failure_while_writing_leaves_the_previous_files_byte_identical(tmp_pa
 
 
 def test_a_failure_while_moving_puts_the_previous_files_back(tmp_path, monkeypatch):
+    """The journaled install (used where the directory cannot be exchanged whole) undoes a failure midway."""
+    monkeypatch.setattr(files, "_exchange_possible", lambda directory: False)
     write_directory_atomically(tmp_path, writer(FIRST))
     before = contents(tmp_path)
     real_replace, calls = os.replace, []
@@ -198,3 +203,90 @@ def test_save_pretrained_into_a_symlinked_directory(tmp_path, tokenizer):
     reloaded = ForgetPeftModel.from_pretrained(tiny_clip(), tmp_path / "link")
     assert reloaded.forgotten_classes == {"default": ["cat"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_the_users_files_folders_and_links_are_kept_as_the_same_files(tmp_path):
+    target = tmp_path / "adapter"
+    write_directory_atomically(target, writer(FIRST))
+    (target / "data" / "empty").mkdir(parents=True)
+    (target / "data" / "table.csv").write_text("1,2")
+    (target / "data").chmod(0o700)
+    (target / "b" / "notes.txt").write_text("about b")  # in an adapter folder the new save no longer writes
+    (target / "latest").symlink_to("adapter_model.safetensors")
+    inode = os.stat(target / "data" / "table.csv").st_ino
+    write_directory_atomically(target, writer(SECOND))
+    kept = {"data/table.csv": b"1,2", "b/notes.txt": b"about b", "latest": b"second weights"}  # the link is read
+    assert contents(target) == {**SECOND, **kept}
+    assert (target / "data" / "empty").is_dir() and mode(target / "data") == 0o700
+    assert os.readlink(target / "latest") == "adapter_model.safetensors"
+    assert os.stat(target / "data" / "table.csv").st_ino == inode  # hard-linked, not copied
+
+
+def test_the_directory_keeps_its_owner_and_extended_attributes(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory another owner needs root")
+    target = tmp_path / "adapter"
+    write_directory_atomically(target, writer(FIRST))
+    os.chown(target, 12345, 23456)
+    try:
+        os.setxattr(target, "user.origin", b"mine")
+    except OSError:
+        pytest.skip("this filesystem has no user extended attributes")
+    write_directory_atomically(target, writer(SECOND))
+    info = os.stat(target)
+    assert (info.st_uid, info.st_gid) == (12345, 23456)
+    assert os.getxattr(target, "user.origin") == b"mine"
+
+
+def test_a_mount_inside_the_target_stays_mounted_and_untouched(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "sub" / "kept.txt").write_text("kept")
+    target = tmp_path / "adapter"
+    write_directory_atomically(target, writer(FIRST))
+    (target / "mounted").mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(elsewhere), str(target / "mounted")], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        write_directory_atomically(target, writer(SECOND))  # the same filesystem: os.path.ismount cannot tell
+        assert (target / "mounted" / "sub" / "kept.txt").read_text() == "kept"
+        with open("/proc/self/mountinfo") as handle:
+            assert f" {target / 'mounted'} " in handle.read()
+        assert contents(target) == {**SECOND, "mounted/sub/kept.txt": b"kept"}
+    finally:
+        subprocess.run(["umount", str(target / "mounted")], check=True)
+    assert (elsewhere / "sub" / "kept.txt").read_text() == "kept"
+
+
+def test_a_target_with_a_long_name(tmp_path):
+    target = tmp_path / ("a" * 240)
+    write_directory_atomically(target, writer(FIRST))
+    write_directory_atomically(target, writer(SECOND))
+    assert contents(target) == SECOND and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_save_merged_pretrained_replaces_the_model_and_keeps_the_users_files(tmp_path, tokenizer):
+    from transformers import CLIPModel
+
+    from hf_clip_forget.testing_utils import tiny_clip
+
+    target = tmp_path / "merged"
+    tiny_clip().add_forget_adapter(["cat"], tokenizer=tokenizer, show_progress=False).save_merged_pretrained(target)
+    (target / "notes.txt").write_text("mine")
+    (target / "pytorch_model.bin").write_bytes(b"an earlier checkpoint's weights")  # stale: not written again
+    model = tiny_clip().add_forget_adapter(["dog"], tokenizer=tokenizer, show_progress=False)
+    model.save_merged_pretrained(target)
+    assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
+    assert "- dog" in (target / "README.md").read_text()
+    CLIPModel.from_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_the_working_directory_is_saved_into_and_stays_the_working_directory(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    write_directory_atomically(target, writer(FIRST))
+    monkeypatch.chdir(target)
+    write_directory_atomically(".", writer(SECOND))
+    assert os.getcwd() == str(target) and contents(target) == SECOND
+    assert os.stat(".").st_ino == os.stat(target).st_ino  # the same directory, not a removed one

@@ -15,9 +15,9 @@ from torch import nn
 
 from ..files import write_directory_atomically
 from ..tuners.projection_edit import ProjectionEditConfig, loading_whole_stack
-from ..tuners.projection_edit.schema import LOAD_OPTIONS
 from ..tuners.projection_edit.integrity import restored_on_failure
 from ..tuners.projection_edit.layer import refuse_mixed_batch
+from ..tuners.projection_edit.schema import LOAD_OPTIONS
 from .saved import check_forget_peft_type, check_loaded_factors, factor_checksums, read_adapter_config, saved_adapters
 
 

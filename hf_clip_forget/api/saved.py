@@ -12,6 +12,7 @@ from ..tuners.projection_edit.integrity import (  # noqa: F401 - re-exported for
     ExpectedFactor,
     check_incoming_state,
     factor_checksums,
+    settle_interrupted_save,
     tensor_sha256,
 )
 from ..tuners.projection_edit.schema import check_config_values, read_config_json
@@ -27,6 +28,8 @@ def saved_adapters(model_id: str, root_name: str, **hub_kwargs) -> list[tuple[st
     Raises a ``ValueError`` when one of them is an adapter of another peft method (loading it would give a model
     that forgets nothing), or when the root records a stack of which members are missing.
     """
+    if os.path.isdir(model_id):
+        settle_interrupted_save(model_id)  # a killed save is finished or undone before anything is read
     configs = _read_configs(model_id, **hub_kwargs)
     for subfolder, config in configs.items():
         check_forget_peft_type(config, model_id if subfolder is None else f"{model_id}/{subfolder}")

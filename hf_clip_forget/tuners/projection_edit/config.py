@@ -354,6 +354,9 @@ def _adapter_directory(source: str, subfolder: str | None, hub_kwargs: dict) -> 
     config and weights are downloaded (into the Hub cache, where peft finds them again)."""
     local = os.path.join(source, subfolder) if subfolder else source
     if os.path.isdir(local):
+        from .integrity import settle_interrupted_save
+
+        settle_interrupted_save(source)
         return local, True
     from huggingface_hub import hf_hub_download
 

@@ -227,6 +227,21 @@ def _check_checksums(config, adapter_name: str, tensors: dict[str, Tensor]) -> N
 
 
 # ---------------------------------------------------------------------------------------------- the weights file
+def settle_interrupted_save(directory: str) -> None:
+    """Before a local adapter directory is read: finish or undo a save that was killed midway in it (only a save
+    that could not swap the whole directory at once — into a mount point — leaves one; see
+    :func:`hf_clip_forget.files.recover_interrupted_save`), so a load sees the old or the new adapter, complete."""
+    from ...files import recover_interrupted_save
+
+    try:
+        recover_interrupted_save(directory)
+    except OSError as error:
+        raise ValueError(
+            f"{directory} holds a save that was interrupted, and it could not be completed or undone ({error}). "
+            "Make the directory writable and load again (or save the adapter anew)."
+        ) from None
+
+
 def check_weights_file(directory: str, config, where: str, local: bool) -> None:
     """Check the weights file of a saved adapter before anything is injected: not a symbolic link leaving the
     adapter directory (``local`` directories), names and shapes read before any tensor, then the tensors through
@@ -331,10 +346,12 @@ def restored_on_failure(model: nn.Module):
     try:
         yield
     except BaseException:
-        for name in sorted(modules, key=lambda n: n.count(".")):
-            parent_name, _, child = name.rpartition(".")
-            if name and dict(model.named_modules()).get(name) is not modules[name]:
+        current = dict(model.named_modules())
+        for name in sorted(modules, key=lambda n: n.count(".")):  # parents first: a restored parent restores all
+            if name and current.get(name) is not modules[name]:
+                parent_name, _, child = name.rpartition(".")
                 setattr(modules[parent_name], child, modules[name])
+                current = dict(model.named_modules())
         for name in ("peft_config", "_hf_peft_config_loaded"):
             if name in attributes:
                 model.__dict__[name] = attributes[name]
@@ -362,5 +379,6 @@ __all__ = [
     "factors_of_config",
     "factors_of_model",
     "restored_on_failure",
+    "settle_interrupted_save",
     "tensor_sha256",
 ]
