@@ -358,3 +358,17 @@ def test_set_peft_model_state_dict_refuses_anything_but_the_adapters_own_factors
             set_peft_model_state_dict(model, tampered)
         assert tensor_hashes(model) == before, name
     set_peft_model_state_dict(model, state)  # its own factors load
+
+
+def test_the_tower_fingerprint_tells_a_replaced_tensor_from_a_dtype_cast():
+    from hf_clip_forget.core.fingerprint import fingerprint_tensors
+
+    tensors = {name: value.detach().clone() for name, value in tiny_clip().text_model.state_dict().items()}
+    recorded = fingerprint_tensors(tensors)
+    cast = {name: value.to(torch.bfloat16) if value.is_floating_point() else value for name, value in tensors.items()}
+    assert recorded.matches(fingerprint_tensors(cast))  # the same base in another dtype loads
+    for name in [n for n, v in tensors.items() if v.is_floating_point() and v.numel() >= 64]:
+        replaced = dict(tensors)
+        replaced[name] = torch.randn(tensors[name].shape, generator=torch.Generator().manual_seed(1))
+        replaced[name] *= tensors[name].std().clamp(min=1e-3)
+        assert not recorded.matches(fingerprint_tensors(replaced)), name  # any one tensor replaced is told apart

@@ -14,9 +14,9 @@ The fingerprint has two parts:
 
 The edit also depends on the towers that embedded its prompts (and its prototypes): a base with the same projections
 but another text or vision tower would be given directions computed elsewhere. A :class:`TowerFingerprint` covers
-every tensor of a module cheaply — the sha256 of the tensors' names and shapes (exact), and a sketch of a fixed
-sample of :data:`TOWER_SAMPLE` entries of each tensor, ``Σ_t G_t s_t / ‖s‖`` with fixed seeded Gaussian ``G_t``
-(robust to dtype casts as above; another tower, or one tensor of it replaced, moves it far beyond the tolerance).
+every tensor of a module cheaply — the sha256 of the tensors' names and shapes (exact), and a sketch ``G s / ‖s‖`` of
+a fixed sample ``s`` of :data:`TOWER_SAMPLE` entries of each tensor, with a fixed seeded Gaussian ``G`` (robust to
+dtype casts as above; another tower, or one tensor of it replaced, moves it far beyond the tolerance).
 """
 
 from __future__ import annotations
@@ -115,23 +115,28 @@ class TowerFingerprint:
 
 
 def fingerprint_tensors(tensors: dict[str, Tensor]) -> TowerFingerprint:
-    """The :class:`TowerFingerprint` of named tensors (floating ones are sampled; every name and shape counts)."""
+    """The :class:`TowerFingerprint` of named tensors (floating ones are sampled; every name and shape counts).
+
+    The samples of all tensors, in name order, form one vector ``s``; the sketch is ``G s / ‖s‖`` with one fixed
+    seeded Gaussian ``G`` (one draw, so the cost is a few operations per tensor)."""
     structure = hashlib.sha256()
-    sketch = torch.zeros(TOWER_SKETCH_SIZE, dtype=torch.float64)
-    total = 0.0
-    for index, name in enumerate(sorted(tensors)):
+    samples = []
+    for name in sorted(tensors):
         tensor = tensors[name]
         structure.update(f"|{name}|{tuple(tensor.shape)}".encode())
-        if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
-            continue
-        flat = tensor.detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, min(TOWER_SAMPLE, flat.numel())).round().long()
-        sample = flat[positions.to(flat.device)].to(device="cpu", dtype=torch.float64)
-        generator = torch.Generator().manual_seed(SKETCH_SEED + index)
-        sketch += torch.randn(TOWER_SKETCH_SIZE, sample.numel(), generator=generator, dtype=torch.float64) @ sample
-        total += float(sample.square().sum())
-    sketch /= max(total**0.5, 1e-30)
+        if tensor.is_floating_point() and tensor.numel() and tensor.device.type != "meta":
+            flat = tensor.detach().reshape(-1)
+            samples.append(flat[_sample_positions(flat.numel(), flat.device)].to("cpu", torch.float64))
+    sample = torch.cat(samples) if samples else torch.zeros(0, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(SKETCH_SEED)
+    projection = torch.randn(TOWER_SKETCH_SIZE, sample.numel(), generator=generator, dtype=torch.float64)
+    sketch = (projection @ sample) / max(sample.norm().item(), 1e-30)
     return TowerFingerprint(len(tensors), structure.hexdigest(), tuple(round(x, 8) for x in sketch.tolist()))
+
+
+def _sample_positions(numel: int, device: torch.device) -> Tensor:
+    """:data:`TOWER_SAMPLE` evenly spaced flat positions of a tensor with ``numel`` entries (all, when fewer)."""
+    return torch.linspace(0, numel - 1, min(TOWER_SAMPLE, numel), device=device).round().long()
 
 
 __all__ = [
