@@ -29,6 +29,7 @@ from . import models  # noqa: F401  (registers the demo model's towers with tran
 from ._version import __version__
 from .api import ForgetPeftModel, VerificationReport, add_forget_adapter, install_model_methods, verify_forget_adapter
 from .core import DOMAIN_TEMPLATES, IMAGENET_TEMPLATES, SINGLE_TEMPLATE, LowRankEdit, synthesize_prototypes
+from .core.tokenizer_checks import UnknownNameWarning
 from .hub import ForgetEvaluation, HubUploadError, push_to_hub
 from .tuners import ProjectionEditConfig, ProjectionEditModel
 from .tuners.projection_edit.estimate import WeakEditWarning
@@ -66,6 +67,7 @@ __all__ = [
     "LowRankEdit",
     "ProjectionEditConfig",
     "ProjectionEditModel",
+    "UnknownNameWarning",
     "VerificationReport",
     "WeakEditWarning",
     "__version__",

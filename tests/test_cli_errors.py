@@ -139,3 +139,61 @@ def test_type_errors_of_the_library_are_one_line_but_other_type_errors_are_bugs(
     with pytest.raises(TypeError) as bug:
         len(5)  # a TypeError not raised by a check of the library: a bug, which keeps its traceback
     assert _error_message(bug.value) is None
+
+
+# ------------------------------------------------------------------ the command line names flags, not keywords
+def no_keyword(line: str) -> str:
+    """``line`` after checking it names no API keyword (``forget_classes=``, `` `split=` ``, `` `retain_classes` ``)."""
+    assert "`" not in line and not re.search(r"\b\w+=", line), line
+    return line
+
+
+def test_an_adapter_forgetting_a_class_the_data_lacks_points_to_forget(files, tmp_path, capsys):
+    _, model_dir, data = files
+    adapter = str(tmp_path / "no-truck")
+    assert main(["forget", model_dir, "--classes", "truck", "--templates", "single", "--output", adapter]) == 0
+    capsys.readouterr()
+    assert main(["eval", model_dir, "--adapter", adapter, "--data", data, "--no-cache"]) == 2
+    line = no_keyword(one_error_line(capsys))
+    assert f"--adapter {adapter!r} (forgetting truck) names classes that --data does not have: 'truck'" in line
+    assert "give --forget with the classes of --data" in line
+
+
+def test_a_forget_class_the_data_lacks_is_named_with_the_closest_class(files, capsys):
+    _, model_dir, data = files
+    assert main(["eval", model_dir, "--forget", "cta", "--data", data, "--no-cache"]) == 2
+    line = no_keyword(one_error_line(capsys))
+    assert "--forget 'cta' names classes that --data does not have: 'cta' (did you mean 'cat'?)" in line
+    assert main(["sweep", model_dir, "--classes", "dgo", "--data", data, "--no-cache"]) == 2
+    assert "--classes 'dgo' names classes that --data does not have: 'dgo' (did you mean 'dog'?)" in no_keyword(
+        one_error_line(capsys)
+    )
+
+
+def test_a_split_the_data_lacks_points_to_split(files, tmp_path, capsys):
+    root, model_dir, _ = files
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    for split in ("train", "test"):
+        write_images(folder / f"{split}.parquet", num_images=4)
+    assert main(["eval", model_dir, "--forget", "cat", "--data", str(folder), "--split", "validation"]) == 2
+    line = no_keyword(one_error_line(capsys))
+    assert "has no split 'validation'; it has ['test', 'train']. Give --split one of them." in line
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["sweep", "{model}", "--classes", ",", "--data", "{data}"], "--classes"),
+        (["forget", "{model}", "--classes", "cat", "--retain-classes", ",", "--output", "{out}"], "--retain-classes"),
+        (["forget", "{model}", "--classes", "cat", "--domains", " , ", "--output", "{out}"], "--domains"),
+        (["eval", "{model}", "--forget", ",", "--data", "{data}"], "--forget"),
+    ],
+)
+def test_an_empty_list_names_its_flag(files, tmp_path, capsys, command, flag):
+    _, model_dir, data = files
+    argv = [a.format(model=model_dir, data=data, out=tmp_path / "out") for a in command]
+    assert main(argv) == 2
+    line = no_keyword(one_error_line(capsys))
+    assert line.startswith(f"error: {flag} ") and "is empty: give at least one name" in line, line
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..core import DEFAULT_RANK_TOLERANCE, resolve_templates, validate_class_names
 from ..core.domains import default_ccup_mu
+from ..core.tokenizer_checks import warn_about_unknown_domains
 from ..families import family_of
 from ..tuners.projection_edit import ProjectionEditConfig, ProjectionEditLayer
 from ..tuners.projection_edit.build import BuildInputs, BuiltAdapter, build_adapter
@@ -137,6 +138,8 @@ def add_forget_adapter(
             edit that would change nothing (rank 0) — always before the model is modified.
 
     Warns:
+        UnknownNameWarning: a class or domain name that is most likely a typo (its message names the closest known
+            words: "did you mean 'dog'?"); filter it for names you mean, or turn it into an error.
         WeakEditWarning: a domain-specific (or text-side) edit built without calibration is predicted, data-free,
             to change little (its forgotten cells' prompts keep most of their zero-shot margin); the message gives
             the predicted numbers and the fixes. The estimate is recorded in the adapter's
@@ -242,6 +245,8 @@ def forget_config(
     )
     if domain_aware and target != "visual":
         raise ValueError("Domain-aware edits and visual prototypes act on the image side; use target='visual'.")
+    for names in (domains, retain_domains):  # class names are checked where they are tokenized
+        warn_about_unknown_domains(names, settings.get("domain_templates"))
     paradigm = paradigm or ("domain" if domains else "global")
     method = method or ("ccup" if paradigm != "global" else "nullspace")
     settings = _strength(method, paradigm, settings)

@@ -193,7 +193,7 @@ class CalibrationReport:
         forget, kept, budget = self.forget_accuracy, self.kept_accuracy, self.budget
         numbers = (
             f"forget accuracy {_pct(forget.before)} → {_pct(forget.after)} (budget ≤ {_pct(budget.max_forget)}), "
-            f"kept accuracy {_pct(kept.before)} → {_pct(kept.after)}, drop {_points(self.retain_drop)}"
+            f"kept accuracy {_pct(kept.before)} → {_pct(kept.after)}, {_drop(self.retain_drop)}"
             + (f" of the {self.chosen.drop_group}" if self.chosen.drop_group != "kept" else "")
             + f" (budget ≤ {_points(budget.max_retain_drop)}"
             + (
@@ -229,8 +229,8 @@ class CalibrationReport:
         return (
             f"Calibration of {', '.join(self.classes)} {where}, {self.method}: {tried} strengths tried on "
             f"{self.validation.num_images} validation images ({self.seconds:.1f} s).\n"
-            f"{self.verdict()}\nJudged by zero-shot classification with {self.classifier}. Chosen by "
-            f"{self.choice_text}.\n{DATA_ASSISTED}\n\n{self.table()}"
+            f"{self.verdict()}\nJudged by zero-shot classification with {self.classifier}. How the strength was "
+            f"chosen: {self.choice_text}.\n{DATA_ASSISTED}\n\n{self.table()}"
         )
 
     def plot(self, path: str | os.PathLike) -> None:
@@ -247,6 +247,12 @@ def _pct(value: float) -> str:
 
 def _points(value: float) -> str:
     return f"{100 * value:.1f} points"
+
+
+def _drop(value: float) -> str:
+    """A retain drop in words: ``"drop 1.0 points"``, or for a negative drop (the kept images gained)
+    ``"gain +1.0 points"``."""
+    return f"gain +{_points(-value)}" if round(100 * value, 1) < 0 else f"drop {_points(max(value, 0.0))}"
 
 
 __all__ = ["DATA_ASSISTED", "BeforeAfter", "CalibrationReport", "GroupAccuracy", "ValidationSet", "format_strength"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .commands import _split, _templates, _write_json
+from .arguments import names_option, templates_option, write_json
 from .loading import (
     CommandError,
     cached_image_features,
@@ -22,7 +22,7 @@ def add_audit_parser(commands) -> None:
     audit.add_argument("model", help="the base model: Hub id, local path, or `demo`")
     audit.add_argument("--adapter", required=True, help="the saved forget adapter (directory or Hub id)")
     audit.add_argument("--data", default=None, help="labelled images for the image probes (parquet, image folder…)")
-    audit.add_argument("--split", default="test")
+    audit.add_argument("--split", default="test", help="split of --data (a file or unsplit folder is its only one)")
     audit.add_argument("--neighbours", default=None, help="other names of the forgotten classes, comma-separated")
     audit.add_argument(
         "--vocabulary-neighbours", type=int, default=5, help="nearest vocabulary words to try per class (0: none)"
@@ -54,14 +54,14 @@ def command_audit(args) -> int:
     report = audit_forgetting(
         edited,
         tokenizer,
-        neighbours=_split(args.neighbours),
+        neighbours=names_option(args, "neighbours", "--neighbours"),
         vocabulary_neighbours=args.vocabulary_neighbours,
-        candidate_classes=_split(args.candidates),
-        held_out_templates=_templates(args.held_out_templates),
+        candidate_classes=names_option(args, "candidates", "--candidates"),
+        held_out_templates=templates_option(args.held_out_templates),
         data=features,
     )
     print(report)
-    _write_json(args.json, report.to_dict())
+    write_json(args.json, report.to_dict())
     if args.plot:
         report.plot(args.plot)
     leaks = len(report.leaks)

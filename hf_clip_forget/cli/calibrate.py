@@ -3,7 +3,7 @@ adapter (its config and card record the calibration)."""
 
 from __future__ import annotations
 
-from .commands import _split, _templates, _write_json, refuse_forgetting_every_class
+from .arguments import names_option, refuse_forgetting_every_class, split_names, templates_option, write_json
 from .loading import (
     CommandError,
     check_output_path,
@@ -38,8 +38,11 @@ def add_calibrate_parser(commands) -> None:
                            help="as in `forget` (default: domain with --domains, else global)")  # fmt: skip
     calibrate.add_argument("--method", choices=["nullspace", "ccup"], default=None,
                            help="default: ccup with --domains, nullspace otherwise")  # fmt: skip
-    calibrate.add_argument("--target", choices=["visual", "text", "both"], default="visual")
-    calibrate.add_argument("--templates", nargs="+", default=None, help="'imagenet', 'single' or format strings")
+    calibrate.add_argument("--target", choices=["visual", "text", "both"], default="visual",
+                           help="the projection to edit, as in `forget`: visual, text or both")  # fmt: skip
+    calibrate.add_argument("--templates", nargs="+", default=None,
+                           help="templates of the edit: 'imagenet', 'single' or format strings (default: as in "
+                           "`forget`)")  # fmt: skip
     calibrate.add_argument("--eval-templates", nargs="+", default=None,
                            help="templates of the zero-shot classifier that judges each strength (default: the "
                            "80-template ensemble, as `eval` uses)")  # fmt: skip
@@ -74,7 +77,7 @@ def _search(args):
         value = getattr(args, field)
         if value is not None:
             try:
-                grid[field] = [float(part) for part in _split(value)]
+                grid[field] = [float(part) for part in split_names(value)]
             except ValueError:
                 raise CommandError(f"{option} {value!r}: give numbers, comma-separated, e.g. 0.25,0.5,1.") from None
     try:
@@ -96,27 +99,29 @@ def command_calibrate(args) -> int:
         raise CommandError(str(error).replace("Budget `max_forget`", "--max-forget").replace(
             "Budget `max_retain_drop`", "--max-retain-drop")) from None  # fmt: skip
     search = _search(args)
+    names = {
+        field: names_option(args, field, "--" + field.replace("_", "-"))
+        for field in ("classes", "retain_classes", "domains", "retain_domains")
+    }
     command_processes("calibrate")
     model, tokenizer, image_processor = load_dual_encoder(args.model)
     require_image_classifier(model, "calibrate")
     dataset, source = load_data(args.data, args.split)
-    refuse_forgetting_every_class(dataset, _split(args.classes), f"--classes {args.classes!r}")
+    refuse_forgetting_every_class(dataset, names["classes"], f"--classes {args.classes!r}")
     model, report = calibrate_forget_adapter(
         model,
-        _split(args.classes),
+        names.pop("classes"),
         tokenizer,
         data=dataset,
         budget=budget,
         search=search,
         image_processor=image_processor,
-        retain_classes=_split(args.retain_classes),
-        domains=_split(args.domains),
-        retain_domains=_split(args.retain_domains),
+        **names,
         paradigm=args.paradigm,
         method=args.method,
         target=args.target,
-        templates=_templates(args.templates),
-        eval_templates=_templates(args.eval_templates),
+        templates=templates_option(args.templates),
+        eval_templates=templates_option(args.eval_templates),
         data_source=source,
         prototypes=args.prototypes,
         batch_size=args.batch_size,
@@ -124,7 +129,7 @@ def command_calibrate(args) -> int:
     )
     model.save_pretrained(args.output)
     print(report)
-    _write_json(args.json, report.to_dict())
+    write_json(args.json, report.to_dict())
     if args.plot:
         report.plot(args.plot)
         print(f"plot → {args.plot}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .commands import _split, _write_json
+from .arguments import split_names, write_json
 from .loading import (
     CommandError,
     check_output_path,
@@ -80,7 +80,7 @@ def command_detect(args) -> int:
 
     check_output_path(args.json, "--json")
     before_name, after_name = _columns(args)
-    queries = _split(args.queries)
+    queries = split_names(args.queries)
     if not queries:
         raise CommandError("--queries is empty: give the text queries, comma-separated.")
     command_processes("detect")
@@ -106,5 +106,5 @@ def command_detect(args) -> int:
     )
     report = dataclasses.replace(report, before=before_name, after=after_name)
     print(report)
-    _write_json(args.json, report.to_dict())
+    write_json(args.json, report.to_dict())
     return 0

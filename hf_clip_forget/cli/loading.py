@@ -219,8 +219,11 @@ def load_data(data: str, split: str):
 
     # one cache entry per file, however its path is spelled (the datasets fingerprint depends on the path string)
     source = os.path.realpath(os.path.expanduser(data)) if os.path.exists(os.path.expanduser(data)) else data
-    with _loading("data", data, check_path=False):  # its own message lists what --data can be
-        return load_labelled_images(source, split=split), source
+    try:
+        with _loading("data", data, check_path=False):  # its own message lists what --data can be
+            return load_labelled_images(source, split=split), source
+    except CommandError as error:  # the loader's message names its keyword; the command line's, its flag
+        raise CommandError(str(error).replace("Pass `split=` one of them.", "Give --split one of them.")) from error
 
 
 def cached_image_features(

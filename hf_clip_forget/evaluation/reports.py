@@ -90,6 +90,56 @@ class ForgettingReport:
         )
 
 
+@dataclass(frozen=True)
+class CellChange:
+    """A forgotten class in one domain (``"sketch/dog"``), or pooled over the kept domains, before and after an edit.
+
+    ``role``: ``"forgotten cell"`` (a domain the edit forgets the class in), ``"kept domain"`` (one where it keeps
+    it) or ``"pooled"`` (the kept domains together, weighted by their images)."""
+
+    name: str
+    role: str
+    before: float
+    after: float
+
+
+def forgotten_class_cells(
+    before: dict[str, float],
+    after: dict[str, float],
+    forget_classes: Sequence[str],
+    forget_domains: Sequence[str] | None = None,
+    images: dict[str, int] | None = None,
+) -> list[CellChange]:
+    """The (domain, class) cells of the forgotten classes, before → after (``per_domain_class`` of two
+    :class:`ZeroShotReport`): first the forgotten cells (every domain when ``forget_domains`` is ``None``: a global
+    edit), then the class in the kept domains, cell by cell and, given the images per cell, pooled. A pooled number
+    over every domain hides the forgotten cell; these rows show it."""
+    cells = [name for name in before if name.split("/", 1)[1] in forget_classes and name in after]
+    forgotten = [n for n in cells if forget_domains is None or n.split("/", 1)[0] in forget_domains]
+    kept = [n for n in cells if n not in forgotten]
+    rows = [CellChange(n, "forgotten cell", before[n], after[n]) for n in forgotten]
+    rows += [CellChange(n, "kept domain", before[n], after[n]) for n in kept]
+    for name in forget_classes if images and kept else ():
+        own = [n for n in kept if n.split("/", 1)[1] == name and images.get(n)]
+        total = sum(images[n] for n in own)
+        if len(own) > 1 and total:
+            pooled = [sum(images[n] * side[n] for n in own) / total for side in (before, after)]
+            rows.append(CellChange(f"{name} in the kept domains", "pooled", *pooled))
+    return rows
+
+
+def images_per_cell(features: ImageFeatures) -> dict[str, int] | None:
+    """``"<domain>/<class>"`` → number of images (``None`` when the features have no domains)."""
+    if features.domains is None:
+        return None
+    num_classes = len(features.class_names)
+    counts = torch.bincount(
+        features.domains * num_classes + features.labels, minlength=num_classes * len(features.domain_names)
+    )
+    names = [f"{domain}/{name}" for domain in features.domain_names for name in features.class_names]
+    return {name: int(count) for name, count in zip(names, counts.tolist(), strict=True) if count}
+
+
 def _group_accuracies(correct: Tensor, groups: Tensor, names: Sequence[str]) -> dict[str, float]:
     counts = torch.bincount(groups, minlength=len(names))
     hits = torch.bincount(groups, weights=correct.double(), minlength=len(names))

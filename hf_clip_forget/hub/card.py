@@ -201,7 +201,7 @@ def build_model_card(
         forgotten_classes=forgotten,
         unlearning_method=sorted({config.method for config in configs.values()}),
     )
-    adapters = [adapter_row(name, config, name in active) for name, config in configs.items()]
+    adapters = [adapter_row(name, config, name in active, audit) for name, config in configs.items()]
     fingerprints = [fingerprint_row(key, data) for key, data in first.base_fingerprints.items()]
     edited_modules = sorted({m for config in configs.values() for m in target_names(config)})
     versions = first.provenance.get("versions", {})
@@ -224,6 +224,7 @@ def build_model_card(
         with_preprocessors=with_preprocessors,
         license_cell=license_cell,
         adapters=adapters,
+        neighbours=any(getattr(config, "neighbour_names", None) for config in configs.values()),
         method_notes=method_notes(configs.values()),
         evaluations=[_evaluation_row(e) for e in evaluations],
         edited_modules="`, `".join(edited_modules),

@@ -26,7 +26,9 @@ def target_names(config) -> list[str]:
     return sorted([targets] if isinstance(targets, str) else targets)
 
 
-def adapter_row(name: str, config, active: bool) -> dict:
+def adapter_row(name: str, config, active: bool, audit=None) -> dict:
+    """What the card shows of one adapter; with ``audit`` (an ``AuditReport`` of the model), the neighbour words
+    the audit did not find gone are listed as targeted, with its finding, not as forgotten."""
     templates = list(config.templates)
     if templates == list(IMAGENET_TEMPLATES):
         described = "CLIP ImageNet ensemble (80)"
@@ -40,7 +42,9 @@ def adapter_row(name: str, config, active: bool) -> dict:
     ccup = config.method == "ccup"
     return {
         "name": escape_markdown(name),
-        "classes": [with_neighbours(c, getattr(config, "neighbour_names", {})) for c in config.forgotten_classes],
+        "classes": [
+            with_neighbours(c, getattr(config, "neighbour_names", {}), audit) for c in config.forgotten_classes
+        ],
         "method": config.method + (", shared direction kept" if config.keep_shared_direction else ""),
         "alpha": f"{config.alpha:g}" if not ccup else "–",
         "lambda_mu": f"{config.ccup_lambda:g} / {config.ccup_mu:g}" if ccup else "–",
@@ -61,11 +65,51 @@ def adapter_row(name: str, config, active: bool) -> dict:
     }
 
 
-def with_neighbours(name: str, neighbour_names: dict) -> str:
-    """A forgotten class as the card lists it, with the vocabulary words forgotten with it (``expand_neighbours``)."""
-    words = neighbour_names.get(name) or []
-    also = f" (and its neighbours {', '.join(escape_markdown(w) for w in words)})" if words else ""
-    return escape_markdown(name) + also
+#: The audit probe that tries a forgotten class under another name (``hf_clip_forget.audit``).
+NEIGHBOUR_PROBE = "neighbour name"
+
+
+def with_neighbours(name: str, neighbour_names: dict, audit=None) -> str:
+    """A forgotten class as the card lists it, with the vocabulary words its edit also targets (``expand_neighbours``).
+
+    Without an audit they are listed as its neighbours, forgotten with it. With one (an ``AuditReport``), a card
+    must not claim what its own audit refutes: only the words whose neighbour-name probe says *gone* are listed as
+    forgotten; a word the probe found leaking (or only reduced) is listed as targeted, with the probe's numbers, and a
+    word the audit did not try as targeted and not probed.
+    """
+    words = list(neighbour_names.get(name) or [])
+    if not words:
+        return escape_markdown(name)
+    listed = ", ".join(escape_markdown(w) for w in words)
+    if audit is None:
+        return f"{escape_markdown(name)} (and its neighbours {listed})"
+    found = {
+        row.subject: row
+        for row in audit.rows
+        if row.probe == NEIGHBOUR_PROBE and row.forgotten_class == name and row.verdict != "skipped"
+    }
+    gone = [w for w in words if w in found and found[w].verdict == "gone"]
+    kept = [w for w in words if w in found and found[w].verdict != "gone"]
+    untried = [w for w in words if w not in found]
+    parts = []
+    if gone:
+        parts.append(f"and its neighbours {', '.join(escape_markdown(w) for w in gone)}, gone in the audit")
+    if kept:
+        parts.append(
+            "targeted but **not forgotten** according to the audit: "
+            + "; ".join(f"{escape_markdown(w)} {_finding(found[w])}" for w in kept)
+        )
+    if untried:
+        parts.append(f"targeted, not tried by the audit: {', '.join(escape_markdown(w) for w in untried)}")
+    return f"{escape_markdown(name)} ({'; '.join(parts)})"
+
+
+def _finding(row) -> str:
+    """A neighbour-name row's verdict and numbers: "(leaks: 1.00 of … after the edit, 1.00 before, chance 0.17)"."""
+    return (
+        f"({escape_markdown(row.verdict)}: {row.after:.2f} of the class's held-out prompts recognised as this word "
+        f"after the edit, {row.before:.2f} before, chance {row.chance:.2f})"
+    )
 
 
 def where_forgotten(config) -> str:
@@ -110,4 +154,12 @@ def method_notes(configs) -> str:
     return "\n".join(f"- {note}" for note in notes)
 
 
-__all__ = ["adapter_row", "escape_markdown", "method_notes", "target_names", "where_forgotten", "with_neighbours"]
+__all__ = [
+    "NEIGHBOUR_PROBE",
+    "adapter_row",
+    "escape_markdown",
+    "method_notes",
+    "target_names",
+    "where_forgotten",
+    "with_neighbours",
+]

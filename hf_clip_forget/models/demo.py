@@ -21,11 +21,14 @@ import shutil
 import tempfile
 import zipfile
 from importlib import resources
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
+    BaseImageProcessor,
+    PreTrainedTokenizerBase,
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
     VisionTextDualEncoderProcessor,
@@ -160,11 +163,30 @@ def load_demo_projections(model: VisionTextDualEncoderModel, path: str | None = 
 
 
 def load_demo_model(cache_dir: str | None = None):
-    """``(model, processor)`` of the embedded default, loaded with ``from_pretrained`` from its local directory."""
+    """``(model, processor)`` of the embedded default, loaded with ``from_pretrained`` from its local directory.
+
+    The processor holds the tokenizer and the image processor; :func:`hf_clip_forget.models.load_demo_model`
+    returns the three separately (:class:`DemoModel`).
+    """
     from transformers import AutoModel, AutoProcessor
 
     path = demo_model_path(cache_dir)
     return AutoModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+class DemoModel(NamedTuple):
+    """The embedded demo model with what it needs to embed text and images (unpacks as a 3-tuple)."""
+
+    model: VisionTextDualEncoderModel
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: BaseImageProcessor
+
+
+def load_demo_parts(cache_dir: str | None = None) -> DemoModel:
+    """``(model, tokenizer, image_processor)`` of the embedded demo model, offline (assembled on first use, as
+    ``hf-clip-forget ... demo`` loads it). Exported as :func:`hf_clip_forget.models.load_demo_model`."""
+    model, processor = load_demo_model(cache_dir)
+    return DemoModel(model, processor.tokenizer, processor.image_processor)
 
 
 def _write_demo_card(directory: str) -> None:
