@@ -1,7 +1,8 @@
 """Tiny, randomly initialised dual encoders and a word-level tokenizer, built offline.
 
 They exercise the mechanics of forget adapters (exactness, shapes, round trips) in tests and examples; being
-random, they say nothing about how well forgetting works on real images.
+random, they say nothing about how well forgetting works on real images. The tiny OWL-ViT and OWLv2 models need
+``tiny_tokenizer(class_words_last=True)`` (:func:`tiny_model` says why).
 """
 
 from __future__ import annotations
@@ -23,19 +24,36 @@ TINY_CLASS_NAMES = (
 TINY_VOCAB_SIZE = 1000
 
 
-def tiny_tokenizer(extra_words: Iterable[str] = ()):
+def tiny_tokenizer(extra_words: Iterable[str] = (), class_words_last: bool = False):
     """A lower-casing word-level ``PreTrainedTokenizerFast`` whose vocabulary holds the ImageNet template words,
-    :data:`TINY_CLASS_NAMES` and ``extra_words``; it wraps every text as ``[BOS] … [EOS]``."""
+    :data:`TINY_CLASS_NAMES` and ``extra_words``; it wraps every text as ``[BOS] … [EOS]``.
+
+    Ids: the special tokens (:data:`SPECIAL_TOKENS`), then every word in alphabetical order; with
+    ``class_words_last=True``, the template words first and the class names and ``extra_words`` after them, so that
+    a class name has the largest id of its prompt. **Use that for the tiny OWL-ViT and OWLv2 models**
+    (``tiny_model("OwlViTForObjectDetection")`` …): they read a prompt's text embedding at its largest token id
+    (the end-of-text token of their real tokenizers), which in alphabetical order is a template word for every class
+    sorting before it ("photo" in "a photo of a dog."), so that dog, cat and horse embed alike and an edit refuses
+    them ("A forget embedding is parallel to the direction all classes share"). The default order is kept for the
+    other models, whose tests were written against its ids.
+    """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     pre_tokenizer = pre_tokenizers.Whitespace()
-    words = set(TINY_CLASS_NAMES) | {w.lower() for w in extra_words}
+    template_words = set()
     for template in IMAGENET_TEMPLATES:
-        words.update(token for token, _ in pre_tokenizer.pre_tokenize_str(template.replace("{}", " ").lower()))
+        template_words.update(
+            token for token, _ in pre_tokenizer.pre_tokenize_str(template.replace("{}", " ").lower())
+        )
+    class_words = (set(TINY_CLASS_NAMES) | {w.lower() for w in extra_words}) - template_words
+    if class_words_last:
+        words = [*sorted(template_words), *sorted(class_words)]
+    else:
+        words = sorted(template_words | class_words)
     vocab = dict(SPECIAL_TOKENS)
-    for word in sorted(words):
+    for word in words:
         vocab.setdefault(word, len(vocab))
     if len(vocab) > TINY_VOCAB_SIZE:
         raise ValueError(f"The tiny vocabulary is limited to {TINY_VOCAB_SIZE} tokens, got {len(vocab)}.")
@@ -127,8 +145,8 @@ _TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "Aimv2Model": ("Aimv2Config", dict(text_config=_TEXT, vision_config=dict(_VISION, use_head=True))),
     "BlipModel": ("BlipConfig", dict(text_config=dict(_BERT_TEXT, encoder_hidden_size=32, sep_token_id=3),
                                      vision_config=_VISION, image_text_hidden_size=12)),
-    # OWL pools text at the largest token id (CLIP's EOS in real checkpoints); with tiny_tokenizer that is the
-    # alphabetically last word of a prompt, so only class names sorting after the template words differ
+    # OWL pools text at the largest token id (CLIP's EOS in real checkpoints): with tiny_tokenizer(class_words_last=
+    # True) that is the class name; in the default alphabetical order, a template word every class sharing it reads
     "OwlViTModel": ("OwlViTConfig", dict(text_config=_TEXT, vision_config=_VISION)),
     "Owlv2Model": ("Owlv2Config", dict(text_config=_TEXT, vision_config=_VISION)),
     # detection: box class embeddings (class_head.dense0) live in the text tower's width, as in the released models
@@ -183,7 +201,19 @@ TINY_MODEL_CLASSES: tuple[str, ...] = ("CLIPModel", "VisionTextDualEncoderModel"
 def tiny_model(class_name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised tiny ``class_name`` (one of :data:`TINY_MODEL_CLASSES`) in eval mode, fitting
     :func:`tiny_tokenizer` and 32×32 images (SigLIP 2: their 8×8 patches, :func:`tiny_pixel_inputs`), with
-    16-dimensional joint embeddings (SigLIP and SigLIP 2: 32, their hidden size)."""
+    16-dimensional joint embeddings (SigLIP and SigLIP 2: 32, their hidden size).
+
+    OWL-ViT and OWLv2 (``OwlViTModel``, ``Owlv2Model``, ``OwlViTForObjectDetection``,
+    ``Owlv2ForObjectDetection``) read a prompt's text embedding at its largest token id: pair them with
+    ``tiny_tokenizer(class_words_last=True)`` and class names it knows (:data:`TINY_CLASS_NAMES`, or others passed
+    as its ``extra_words``; an unknown word is ``[UNK]``). With the default tokenizer, every class sorting before
+    the template words ("dog" < "photo") embeds alike, and an edit refuses them with "A forget embedding is
+    parallel to the direction all classes share"::
+
+        model = tiny_model("OwlViTForObjectDetection")
+        tokenizer = tiny_tokenizer(class_words_last=True)
+        model.add_forget_adapter(["dog"], tokenizer=tokenizer, retain_classes=["cat", "horse"])
+    """
     if class_name == "CLIPModel":
         return tiny_clip(seed, dtype=dtype)
     if class_name == "VisionTextDualEncoderModel":

@@ -55,7 +55,10 @@ def test_eval_on_two_processes_gives_the_one_process_numbers(setup, tmp_path):
     expected = embed_images(model, load_labelled_images(data), processor, batch_size=BATCH_SIZE, show_progress=False)
     cached = ImageFeatures.load(entry)
     assert torch.equal(cached.labels, expected.labels)
-    torch.testing.assert_close(cached.features, expected.features, rtol=1e-5, atol=1e-6)
+    # two processes embed other batches than one: the vision tower's float32 sums run in another order, the longest
+    # its patch embedding's over 3 × 8 × 8 = 192 inputs, each off by up to about 192 × eps relative to the scale
+    tolerance = 192 * torch.finfo(torch.float32).eps * float(expected.features.abs().max())
+    torch.testing.assert_close(cached.features, expected.features, rtol=0, atol=tolerance)
 
 
 def test_sweep_on_two_processes_gives_the_one_process_numbers(setup, tmp_path):

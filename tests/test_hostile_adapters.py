@@ -372,3 +372,22 @@ def test_the_tower_fingerprint_tells_a_replaced_tensor_from_a_dtype_cast():
         replaced[name] = torch.randn(tensors[name].shape, generator=torch.Generator().manual_seed(1))
         replaced[name] *= tensors[name].std().clamp(min=1e-3)
         assert not recorded.matches(fingerprint_tensors(replaced)), name  # any one tensor replaced is told apart
+
+
+def test_a_hub_cache_snapshot_loads_and_its_links_may_point_into_its_own_blobs_only(honest, tmp_path):
+    # huggingface_hub's cache: snapshots/<revision>/<file> are links to ../../blobs/<hash>
+    repo = tmp_path / "models--you--clip-forget-dog"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(honest / "dog"):
+        blob = repo / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+        blob.write_bytes((honest / "dog" / name).read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
+    for loader in LOADERS.values():
+        loader(tiny_clip(), snapshot)
+    # a link leaving the repo's own cache is still refused
+    (snapshot / WEIGHTS).unlink()
+    os.symlink(honest / "cat" / WEIGHTS, snapshot / WEIGHTS)
+    with pytest.raises(ValueError, match="symbolic link"):
+        ForgetPeftModel.from_pretrained(tiny_clip(), snapshot)

@@ -47,7 +47,11 @@ def test_rows_come_back_in_the_given_order_and_equal_encoding_each_prompt_alone(
     found = encode_prompts(model, tokenizer, PROMPTS, batch_size=3, show_progress=False, use_cache=False)
     alone = torch.cat([encode_prompts(model, tokenizer, [p], show_progress=False, use_cache=False) for p in PROMPTS])
     assert found.shape == alone.shape
-    torch.testing.assert_close(found, alone, rtol=1e-5, atol=1e-6)
+    # float32, batched and padded vs one prompt at a time: the tiny text tower's sums (up to 64 positions, widths 32
+    # and 37) run in another order, each off by up to about length × eps relative to the activations' scale
+    torch.testing.assert_close(
+        found, alone, rtol=0, atol=64 * torch.finfo(torch.float32).eps * float(alone.abs().max())
+    )
     assert torch.equal(found[0], found[4])  # the same prompt twice: the same row
 
 

@@ -18,7 +18,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 
-from huggingface_hub import CommitInfo, HfApi, get_token
+from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
@@ -77,7 +77,8 @@ def push_to_hub(
 
     Raises:
         ValueError: invalid ``repo_id`` or ``license``, no token, or (merged) no tokenizer or image processor.
-        HubUploadError: the Hub refused or could not be reached; nothing was committed.
+        HubUploadError: offline mode is on (``HF_HUB_OFFLINE=1``), or the Hub refused or could not be reached;
+            nothing was committed.
     """
     token = _checked_token(repo_id, token)
     check_audit_matches(model, audit)
@@ -119,6 +120,15 @@ def _checked_token(repo_id: str, token: str | None) -> str:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(f"Invalid Hub repo id {repo_id!r}: {error} Use the form 'namespace/model-name'.") from error
+    if constants.is_offline_mode():
+        # checked before the token: offline, `hf auth login` cannot help, and a token would not get a byte through
+        raise HubUploadError(
+            f"The Hub is offline in this process (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set): nothing can be "
+            f"uploaded to {repo_id!r}. To push, start Python again without them (`unset HF_HUB_OFFLINE "
+            "TRANSFORMERS_OFFLINE`; huggingface_hub reads them at import) and with a token (`hf auth login` or "
+            "HF_TOKEN). Without a network, `save_pretrained(DIRECTORY)` keeps the same files and card, and `python -m "
+            "hf_clip_forget.hub.local_hub DIRECTORY` serves a local Hub to push to. Nothing was uploaded."
+        )
     token = token or get_token()
     if not token:
         raise ValueError(

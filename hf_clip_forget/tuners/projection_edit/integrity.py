@@ -254,8 +254,8 @@ def check_weights_file(directory: str, config, where: str, local: bool) -> None:
     if not os.path.lexists(path):
         raise ValueError(f"{where} holds no {SAFETENSORS_NAME}: the adapter's factors are missing.")
     if local and os.path.islink(path):
-        target, home = os.path.realpath(path), os.path.realpath(directory)
-        if os.path.commonpath([target, home]) != home:
+        target = os.path.realpath(path)
+        if not any(os.path.commonpath([target, home]) == home for home in _homes_of(directory)):
             raise ValueError(
                 f"{path} is a symbolic link to {target}, outside the adapter directory: the factors would be another "
                 "adapter's while this config names what it forgets. Refused; copy the real file in."
@@ -271,6 +271,18 @@ def check_weights_file(directory: str, config, where: str, local: bool) -> None:
             "the adapter."
         ) from None
     check_incoming_state(config, "default", state, expected, exact=False)
+
+
+def _homes_of(directory: str) -> list[str]:
+    """Where an adapter directory's files may live: the directory itself, and for a snapshot of the Hub cache
+    (``<repo cache>/snapshots/<revision>/…``, whose files are links into ``<repo cache>/blobs``) that repo's blobs."""
+    home = os.path.realpath(directory)
+    homes = [home]
+    parts = os.path.abspath(directory).split(os.sep)
+    if "snapshots" in parts[:-1]:
+        repo_cache = os.sep.join(parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+        homes.append(os.path.realpath(os.path.join(repo_cache, "blobs")))
+    return homes
 
 
 def _read_safetensors(path: str, expected: list[ExpectedFactor], where: str) -> dict[str, Tensor]:
