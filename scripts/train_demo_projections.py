@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hf_clip_forget.core import DOMAIN_TEMPLATES, IMAGENET_TEMPLATES, PHOTO_TEMPLATES
+from hf_clip_forget.evaluation.domain_directions import domain_direction_auc
 from hf_clip_forget.models.demo import DEMO_PROJECTIONS_FILE, build_demo_towers, default_cache_dir
 
 
@@ -80,10 +81,11 @@ def cap_per_cell(split: datasets.Dataset, max_per_cell: int, seed: int) -> datas
 
 
 def build_training_set(model, processor, data_dir, cache_dir, batch_size, caps: dict[str, int], seed):
-    """Cached image features, and for each image the indices of the captions that describe it."""
+    """Cached image features, for each image the indices of the captions that describe it, the captions, and the
+    (class, domain) cell each caption names (CIFAR-10 and Caltech-101 captions are photos)."""
     captions: list[str] = []
     caption_index: dict[str, int] = {}
-    class_of_caption: list[str] = []
+    cell_of_caption: list[tuple[str, str]] = []
     features, caption_choices = [], []
     for name in DATASETS:
         split = cap_per_cell(load_split(data_dir, name, "train"), caps[name], seed)
@@ -94,21 +96,32 @@ def build_training_set(model, processor, data_dir, cache_dir, batch_size, caps: 
         labels = split["label"]
         domain_ids = split["domain"] if domains else [None] * len(labels)
         for label, domain in zip(labels, domain_ids, strict=True):
-            templates = DOMAIN_TEMPLATES[domains[domain]] if domains else PHOTO_TEMPLATES
+            domain_name = domains[domain] if domains else "photo"
+            templates = DOMAIN_TEMPLATES[domain_name] if domains else PHOTO_TEMPLATES
             choices = []
             for template in templates:
                 caption = template.format(classes[label])
                 if caption not in caption_index:
                     caption_index[caption] = len(captions)
                     captions.append(caption)
-                    class_of_caption.append(classes[label])
+                    cell_of_caption.append((classes[label], domain_name))
                 choices.append(caption_index[caption])
             caption_choices.append(choices)
         features.append(feats)
-    return torch.cat(features), caption_choices, captions, class_of_caption
+    return torch.cat(features), caption_choices, captions, cell_of_caption
 
 
-def train(image_feats, caption_choices, caption_feats, class_of_caption, args) -> dict[str, torch.Tensor]:
+def positive_groups(cell_of_caption: list[tuple[str, str]], positives: str) -> torch.Tensor:
+    """The group id of each caption: captions of one group are positives of each other's images. ``"cell"`` (as CLIP
+    is trained: a caption is the positive of images of its own class *and domain*) or ``"class"`` (the first demo
+    model's rule: every caption of the class, whatever domain it names — which teaches the projections to ignore
+    domain)."""
+    keys = [cell if positives == "cell" else cell[0] for cell in cell_of_caption]
+    ids = {key: i for i, key in enumerate(sorted(set(keys)))}
+    return torch.tensor([ids[key] for key in keys])
+
+
+def train(image_feats, caption_choices, caption_feats, cell_of_caption, args) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -117,8 +130,7 @@ def train(image_feats, caption_choices, caption_feats, class_of_caption, args) -
     logit_scale = torch.nn.Parameter(torch.tensor(2.6592))  # CLIP's initial log(1 / 0.07)
     params = [*visual.parameters(), *textual.parameters(), logit_scale]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    class_ids = {name: i for i, name in enumerate(sorted(set(class_of_caption)))}
-    caption_class = torch.tensor([class_ids[c] for c in class_of_caption])
+    caption_group = positive_groups(cell_of_caption, args.positives)
     n = image_feats.shape[0]
     steps = args.epochs * (n // args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.1)
@@ -131,8 +143,8 @@ def train(image_feats, caption_choices, caption_feats, class_of_caption, args) -
             image = F.normalize(visual(image_feats[batch]), dim=-1)
             text = F.normalize(textual(caption_feats[chosen]), dim=-1)
             logits = logit_scale.exp().clamp(max=100) * image @ text.T
-            # captions of the same class are positives too (a batch holds many images of one class)
-            same = (caption_class[chosen][:, None] == caption_class[chosen][None, :]).float()
+            # captions of the same group are positives too (a batch holds many images of one cell)
+            same = (caption_group[chosen][:, None] == caption_group[chosen][None, :]).float()
             targets = same / same.sum(dim=1, keepdim=True)
             loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
             optimizer.zero_grad()
@@ -168,9 +180,21 @@ def zero_shot_report(model, processor, data_dir, cache_dir, state, batch_size) -
         report[name] = (predictions == labels).float().mean().item()
         if "domain" in split.column_names:
             domains = torch.tensor(split["domain"])
-            for i, domain in enumerate(split.features["domain"].names):
+            domain_names = split.features["domain"].names
+            for i, domain in enumerate(domain_names):
                 mask = domains == i
                 report[f"{name}/{domain}"] = (predictions[mask] == labels[mask]).float().mean().item()
+            cell_embeds = []
+            for domain in domain_names:
+                prompts = [t.format(c) for c in classes for t in DOMAIN_TEMPLATES[domain]]
+                embeds = F.normalize(
+                    text_features(model, processor.tokenizer, prompts) @ state["text_projection.weight"].T, dim=-1
+                )
+                cell_embeds.append(embeds.reshape(len(classes), len(DOMAIN_TEMPLATES[domain]), -1).mean(dim=1))
+            per_template = torch.stack(cell_embeds)
+            aucs = domain_direction_auc(image, domains, per_template)
+            for domain, auc in zip(domain_names, aucs, strict=True):
+                report[f"{name}/domain_auc/{domain}"] = auc
     return report
 
 
@@ -204,6 +228,13 @@ def main() -> None:
         help="per-dataset override of --max-per-cell (default: cifar10=3000, i.e. all of its train split: its 32-px "
         "images need more examples)",
     )
+    parser.add_argument(
+        "--positives",
+        choices=("cell", "class"),
+        default="class",
+        help="which captions are positives of an image: those of its (class, domain) cell, as CLIP is trained, or "
+        "every caption of its class whatever domain it names (the rule of the shipped projections)",
+    )
     parser.add_argument("--json", default=None, help="write the zero-shot report here")
     args = parser.parse_args()
 
@@ -216,14 +247,14 @@ def main() -> None:
     model, processor = build_demo_towers(cache_dir)
     model.vision_model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    image_feats, caption_choices, captions, class_of_caption = build_training_set(
+    image_feats, caption_choices, captions, cell_of_caption = build_training_set(
         model, processor, args.data_dir, feature_dir, args.feature_batch_size, caps, args.seed
     )
     caption_feats = text_features(model, processor.tokenizer, captions)
     print(f"{image_feats.shape[0]} training images, {len(captions)} captions ({time.perf_counter() - start:.0f} s)")
     torch.set_grad_enabled(True)
     start = time.perf_counter()
-    state = train(image_feats, caption_choices, caption_feats, class_of_caption, args)
+    state = train(image_feats, caption_choices, caption_feats, cell_of_caption, args)
     print(f"trained in {time.perf_counter() - start:.0f} s")
     torch.set_grad_enabled(False)
     save_file(state, args.output, metadata=training_metadata(args, caps))
@@ -231,7 +262,7 @@ def main() -> None:
     print(f"wrote {args.output} (sha256 {digest})")
     report = zero_shot_report(model, processor, args.data_dir, feature_dir, state, args.feature_batch_size)
     for key, value in report.items():
-        print(f"{key:<28} {100 * value:6.2f} %")
+        print(f"{key:<28} {100 * value:6.2f} %" if "auc" not in key else f"{key:<28} {value:6.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
