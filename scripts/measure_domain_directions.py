@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from hf_clip_forget.evaluation import embed_images, load_labelled_images, project_image_features
+from hf_clip_forget.evaluation import embed_images, first_per_cell, load_labelled_images, project_image_features
 from hf_clip_forget.evaluation.domain_directions import domain_class_embeddings, domain_direction_auc
 from hf_clip_forget.models.demo import load_demo_model, load_demo_projections
 
@@ -25,7 +25,7 @@ from hf_clip_forget.models.demo import load_demo_model, load_demo_projections
 def measure(model, processor, data_dir: str, split: str, per_cell: int | None) -> dict:
     dataset = load_labelled_images(os.path.join(data_dir, "pacs", f"{split}.parquet"), split=split)
     if per_cell:
-        dataset = dataset.select(first_per_cell(dataset, per_cell))
+        dataset = first_per_cell(dataset, per_cell)
     domains = dataset.features["domain"].names
     classes = dataset.features["label"].names
     with torch.no_grad():
@@ -34,16 +34,6 @@ def measure(model, processor, data_dir: str, split: str, per_cell: int | None) -
         text = domain_class_embeddings(model, processor.tokenizer, domains, classes, show_progress=False)
     aucs = domain_direction_auc(images, features.domains, text)
     return {"split": split, "images": len(dataset), "auc": dict(zip(domains, aucs, strict=True))}
-
-
-def first_per_cell(dataset, per_cell: int) -> list[int]:
-    taken: dict[tuple[int, int], int] = {}
-    indices = []
-    for index, cell in enumerate(zip(dataset["domain"], dataset["label"], strict=True)):
-        if taken.get(cell, 0) < per_cell:
-            taken[cell] = taken.get(cell, 0) + 1
-            indices.append(index)
-    return indices
 
 
 def main() -> None:

@@ -15,16 +15,9 @@ needs_pacs = pytest.mark.skipif(not os.path.isfile(PACS_TEST), reason=f"PACS tes
 
 def stratified_pacs(per_cell: int):
     """The first ``per_cell`` images of every (domain, class) cell of the PACS test split, as a ``datasets.Dataset``."""
-    from hf_clip_forget.evaluation import load_labelled_images
+    from hf_clip_forget.evaluation import first_per_cell, load_labelled_images
 
-    dataset = load_labelled_images(PACS_TEST, split="test")
-    taken: dict[tuple[int, int], int] = {}
-    indices = []
-    for index, cell in enumerate(zip(dataset["domain"], dataset["label"], strict=True)):
-        if taken.get(cell, 0) < per_cell:
-            taken[cell] = taken.get(cell, 0) + 1
-            indices.append(index)
-    return dataset.select(indices)
+    return first_per_cell(load_labelled_images(PACS_TEST, split="test"), per_cell)
 
 
 def demo_model_on_pacs(per_cell: int):

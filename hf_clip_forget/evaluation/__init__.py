@@ -23,7 +23,7 @@ from .cache import (
     load_or_embed_image_features,
     vision_tower_fingerprint,
 )
-from .data import LabelledColumns, check_labelled_images, load_labelled_images, resolve_columns
+from .data import LabelledColumns, check_labelled_images, first_per_cell, load_labelled_images, resolve_columns
 from .detection import DETECTOR_CLASSES, DetectionReport, detector_family, evaluate_detection
 from .features import embed_images, launched_processes, process_state
 from .metric import FORGETTING_METRIC_PATH, load_forgetting_metric
@@ -57,6 +57,7 @@ __all__ = [
     "features_cache_dir",
     "features_cache_path",
     "find_visual_projection",
+    "first_per_cell",
     "image_features_key",
     "image_representation",
     "launched_processes",

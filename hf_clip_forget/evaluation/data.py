@@ -269,3 +269,16 @@ def load_labelled_images(
         raise ValueError(f"{source!r} loaded as a streaming dataset; evaluation needs a map-style `datasets.Dataset`.")
     check_labelled_images(dataset, image_column, label_column, domain_column)
     return dataset
+
+
+def first_per_cell(dataset: datasets.Dataset, per_cell: int) -> datasets.Dataset:
+    """The first ``per_cell`` images of every (domain, class) cell of ``dataset`` (of every class without a
+    ``domain`` column), in dataset order: a small stratified sample that is the same on every run."""
+    domains = dataset["domain"] if "domain" in dataset.column_names else [None] * len(dataset)
+    taken: dict[tuple, int] = {}
+    indices = []
+    for index, cell in enumerate(zip(domains, dataset["label"], strict=True)):
+        if taken.get(cell, 0) < per_cell:
+            taken[cell] = taken.get(cell, 0) + 1
+            indices.append(index)
+    return dataset.select(indices)
