@@ -391,3 +391,16 @@ def test_a_hub_cache_snapshot_loads_and_its_links_may_point_into_its_own_blobs_o
     os.symlink(honest / "cat" / WEIGHTS, snapshot / WEIGHTS)
     with pytest.raises(ValueError, match="symbolic link"):
         ForgetPeftModel.from_pretrained(tiny_clip(), snapshot)
+
+
+def test_a_stack_naming_folders_outside_the_adapter_is_refused(honest, tmp_path):
+    # the root of a stack names its members, which are read as subfolders (from the Hub when it cannot be listed)
+    directory = tmp_path / "tampered"
+    copy_adapter(honest / "dog", directory)
+    edit_config(stack=["default", "../../elsewhere"])(directory, honest)
+    base = tiny_clip()
+    before = tensor_hashes(base)
+    for loader in LOADERS.values():
+        with pytest.raises(ValueError, match="`stack` must be a list of adapter names"):
+            loader(base, directory)
+        assert tensor_hashes(base) == before

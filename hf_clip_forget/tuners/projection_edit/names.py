@@ -46,6 +46,11 @@ def check_adapter_name(name) -> str:
     return name
 
 
+def is_valid_adapter_name(name) -> bool:
+    """Whether ``name`` is a valid adapter name (:func:`check_adapter_name` would accept it)."""
+    return _problem(name) is None
+
+
 def _problem(name) -> str | None:
     if not isinstance(name, str):
         return f"it is a {type(name).__name__}, not a string"
@@ -85,4 +90,4 @@ def _reserved_names() -> frozenset[str]:
     return frozenset(names)
 
 
-__all__ = ["ALLOWED_FORM", "MAX_ADAPTER_NAME_LENGTH", "check_adapter_name"]
+__all__ = ["ALLOWED_FORM", "MAX_ADAPTER_NAME_LENGTH", "check_adapter_name", "is_valid_adapter_name"]

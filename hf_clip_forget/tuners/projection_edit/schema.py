@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .names import is_valid_adapter_name
+
 
 #: Largest adapter_config.json accepted: a 20,000-class label set with templates and calibration fits easily.
 MAX_CONFIG_BYTES = 64 * 2**20
@@ -136,7 +138,10 @@ CONFIG_SCHEMA: dict[str, Spec] = {
     "embedding_source": STRING,
     "tokenizer_name_or_path": OPTIONAL_STRING,
     "mergeable": BOOL,
-    "stack": NAMES,
+    "stack": Spec(
+        "a list of adapter names (letters, digits, '_' and '-'; they name the stack's subfolders)",
+        _list_of(is_valid_adapter_name),
+    ),
     "factor_checksums": CHECKSUMS,
     "base_fingerprints": FINGERPRINTS,
     "base_model_revision": OPTIONAL_STRING,
