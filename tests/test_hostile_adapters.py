@@ -404,3 +404,14 @@ def test_a_stack_naming_folders_outside_the_adapter_is_refused(honest, tmp_path)
         with pytest.raises(ValueError, match="`stack` must be a list of adapter names"):
             loader(base, directory)
         assert tensor_hashes(base) == before
+
+
+def test_a_load_checks_the_files_once(honest, monkeypatch):
+    # ForgetPeftModel.from_pretrained goes through peft's from_pretrained, which checks and injects the config, then
+    # through load_adapter: the files are checked once, and the load gate still checks the factors it copies
+    from hf_clip_forget.tuners.projection_edit import integrity
+
+    calls, check = [], integrity.check_weights_file
+    monkeypatch.setattr(integrity, "check_weights_file", lambda *args: calls.append(args[0]) or check(*args))
+    loaded = ForgetPeftModel.from_pretrained(tiny_clip(), honest / "dog")
+    assert len(calls) == 1 and loaded.forgotten_classes == {"default": ["dog"]}

@@ -434,8 +434,18 @@ ZYGOTE = r"""
 import os, sys
 import torch
 torch.set_num_threads(1)
+import threading
+
+import tqdm
+import transformers
+
 import hf_clip_forget
 from hf_clip_forget import files
+
+# a saver killed while it holds tqdm's lock would hold it forever: tqdm's default lock is a multiprocessing lock,
+# shared with every forked child; give this process a lock of its own and no progress bars
+tqdm.tqdm.set_lock(threading.RLock())
+transformers.utils.logging.disable_progress_bar()
 from hf_clip_forget.testing_utils import tiny_clip, tiny_tokenizer
 
 adapters, merged, references = sys.argv[1:4]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..files import write_directory_atomically
 from ..tuners.projection_edit import ProjectionEditConfig, loading_whole_stack
-from ..tuners.projection_edit.integrity import restored_on_failure
+from ..tuners.projection_edit.integrity import adapter_is_unset, restored_on_failure
 from ..tuners.projection_edit.layer import refuse_mixed_batch
 from ..tuners.projection_edit.schema import LOAD_OPTIONS
 from .saved import check_forget_peft_type, check_loaded_factors, factor_checksums, read_adapter_config, saved_adapters
@@ -291,7 +291,12 @@ class ForgetPeftModel(PeftModel):
             check_forget_peft_type(raw, str(model_id))
         options = {name: kwargs.pop(name) for name in LOAD_OPTIONS if name in kwargs}
         previous = self.peft_config.get(adapter_name)
-        if raw is not None and previous is not None:
+        source = (str(model_id), location.get("subfolder"), (hub_kwargs.get("revision") or "",))
+        if previous is not None and previous.checked_source == source and adapter_is_unset(self, adapter_name):
+            # the config peft's from_pretrained checked and injected a moment ago for this very load: already
+            # checked (file, schema, fingerprints); the load gate checks the factors against it
+            pass
+        elif raw is not None and previous is not None:
             _check_same_settings(previous, raw, adapter_name)
             # the gate checks the incoming factors against the config they come with: install it first
             replacement = ProjectionEditConfig.from_pretrained(str(model_id), **location, **hub_kwargs, **options)

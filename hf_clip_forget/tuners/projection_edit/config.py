@@ -228,6 +228,7 @@ class ProjectionEditConfig(PeftConfig):
         super().__post_init__()
         self.verify_base_fingerprint = True
         self.trust_unverified = False
+        self.checked_source = None  # set by from_pretrained
         # JSON gives back the saved string; the in-memory type is always the enum member
         self.peft_type = PEFT_TYPE
         self.inference_mode = True  # nothing is trainable; the flag only steers peft's requires_grad handling
@@ -337,6 +338,8 @@ class ProjectionEditConfig(PeftConfig):
             setattr(config, name, bool(value))
         check_saved_config(config, where)
         check_weights_file(directory, config, where, local)
+        # where this checked config came from (not a field: never saved), so a load that reads it again can reuse it
+        config.checked_source = (source, subfolder, (hub_kwargs.get("revision") or "",))
         return config
 
     def forget_names(self) -> list[str]:
