@@ -231,9 +231,10 @@ def main() -> None:
     parser.add_argument(
         "--positives",
         choices=("cell", "class"),
-        default="class",
-        help="which captions are positives of an image: those of its (class, domain) cell, as CLIP is trained, or "
-        "every caption of its class whatever domain it names (the rule of the shipped projections)",
+        default="cell",
+        help="which captions are positives of an image: those of its (class, domain) cell, as CLIP is trained (the "
+        "shipped projections), or every caption of its class whatever domain it names (the rule of the projections "
+        "shipped before issue 22, which learned to ignore domain)",
     )
     parser.add_argument("--json", default=None, help="write the zero-shot report here")
     args = parser.parse_args()

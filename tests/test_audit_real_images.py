@@ -37,15 +37,15 @@ def audit(pacs, target, **options):
         edited.unload()  # the module-scoped model goes back to its original weights
 
 
-def test_forgetting_only_the_name_dog_on_the_text_side_leaks_through_puppy_and_the_audit_says_so(pacs):
-    """A text-side edit of "dog" removes the name's directions from the text embeddings; "puppy" keeps most of what
-    pointed at dogs, so dog proxies are still recognised as puppies."""
+def test_a_text_side_edit_leaves_dogs_findable_in_the_image_embeddings_and_the_audit_says_so(pacs):
+    """A text-side edit of "dog" changes only text embeddings: the image embeddings are exactly what they were, so a
+    linear probe on them still finds the dogs. That is a leak by construction, and the audit must report it as one."""
     report = audit(pacs, "text")
-    puppy = next(row for row in report.rows if row.probe == "neighbour name" and row.subject == "puppy")
-    assert puppy.before > 0.9 and puppy.verdict == "leaks"
-    assert puppy in report.leaks
-    images = next(row for row in report.rows if row.probe == "zero-shot with neighbours")
-    assert images.verdict != "gone" and images.after > images.chance  # dog images still found under dog-or-puppy
+    probe = next(row for row in report.rows if row.subject == "image embeddings")
+    assert probe.before == probe.after and probe.before > 0.6  # the embeddings were not touched, and do know dogs
+    assert probe.verdict == "leaks" and probe in report.leaks
+    held_out = next(row for row in report.rows if row.probe == "zero-shot, held-out prompts")
+    assert held_out.after < held_out.before  # while zero-shot recognition of dogs did fall
 
 
 def test_the_image_side_edit_closes_that_leak_and_the_tower_features_are_reported_untouched(pacs):

@@ -1,10 +1,10 @@
 """Calibration on real images (the demo model on a stratified PACS sample): the strength chosen on one half of the
 images meets its budget on the other half, which it never saw.
 
-Measured (12 images per (domain, class) cell, halves of 168 images with 24 persons each; budget forget ≤ 5 %, retain
-drop ≤ 2 points): on the calibration half both methods meet the budget (person 95.8 % → 4.2 % with nullspace α =
-0.8625, → 0.0 % with CCUP); on the held-out half person falls from 83.3 % to 4.2 % (nullspace) and 0.0 % (CCUP) and
-the other classes gain 4.2 points. The assertions allow one more held-out person image than the budget (1/24 ≈ 4.2
+Measured with the shipped (domain-aware) demo projections (12 images per (domain, class) cell, halves of 168 images
+with 24 persons each; budget forget ≤ 5 %, retain drop ≤ 2 points): on the calibration half both methods meet the
+budget (nullspace chose α = 0.95, CCUP μ = 3.16); on the held-out half person falls from 75.0 % to 0.0 % with both and
+the other classes gain 2.1 points. The assertions allow one more held-out person image than the budget (1/24 ≈ 4.2
 points) and 2 more points of retain drop: the margin for 168 unseen images.
 """
 
@@ -55,7 +55,7 @@ def test_the_strength_chosen_on_one_half_meets_the_budget_on_the_other(pacs, met
         with edited.base_model.edits_bypassed():
             before = evaluate_zero_shot(edited, held_out, ["person"], tokenizer=tokenizer, templates=templates,
                                         show_progress=False)  # fmt: skip
-        assert before.forget_accuracy > 0.8  # the class was well recognised on the unseen half
+        assert before.forget_accuracy > 0.5  # the class was recognised on the unseen half (chance: 1/7)
         assert after.forget_accuracy <= BUDGET["max_forget"] + HELD_OUT_MARGIN["forget"]
         drop = before.retain_accuracy - after.retain_accuracy
         assert drop <= BUDGET["max_retain_drop"] + HELD_OUT_MARGIN["retain_drop"]

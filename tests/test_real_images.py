@@ -22,6 +22,8 @@ PER_CELL = 6  # images per (domain, class): 168 images, ~15 s of feature extract
 
 pytestmark = needs_pacs
 
+FORGET_GOAL = 0.05  # the seed papers' bar for a forgotten class: at most 5 % of its images still recognised
+
 
 @pytest.fixture(scope="module")
 def pacs():
@@ -61,7 +63,7 @@ def test_naming_the_other_classes_forgets_in_every_domain_and_keeps_the_rest(pac
     others = [name for name in pacs[2].class_names if name not in forget]
     before, after = forget_by_name(pacs, forget, method=method, retain_classes=others)
     assert before.forget_accuracy >= 0.8  # there was something to forget
-    assert after.forget_accuracy <= 0.02
+    assert after.forget_accuracy <= FORGET_GOAL
     forgotten_cells = [v for k, v in after.per_domain_class.items() if k.split("/", 1)[1] in forget]
     assert max(forgotten_cells) <= 1 / PER_CELL  # at most one image left in any (domain, class) cell
     assert after.retain_accuracy >= before.retain_accuracy - 0.02
