@@ -43,7 +43,7 @@ from hf_clip_forget.evaluation import class_embeddings, project_image_features, 
 GLOBAL_TASKS = (("dog",), ("person",), ("guitar",))
 DOMAIN_TASKS = (("dog", "sketch"), ("person", "art_painting"), ("guitar", "cartoon"), ("horse", "photo"))
 COMPLETE_TASKS = (("dog", "sketch"), ("person", "art_painting"))
-SWEEP_MUS = "1000,300,100,50,30,10,3,1"
+SWEEP_MUS = "1000,300,100,50,30,10,3,1,0.3,0.1"
 #: The default μ must move the forgotten cell by at least this much (points, mean over the four tasks, train split).
 VISIBLE_DROP = 0.15
 

@@ -7,6 +7,7 @@ from .domains import PARADIGMS, DomainCell, DomainPlan, plan_domain_edit
 from .factors import EditFactors, build_edit_factors
 from .joint_embeddings import embedding_function, image_side_embeddings, text_side_embeddings
 from .linear_probe import LinearProbeResult, linear_probe
+from .logit_edit import class_dual_vectors, logit_constrained_edit, logit_drops
 from .neighbours import find_neighbours, nearest_words, vocabulary_words
 from .prototypes import VisualPrototypes, synthesize_prototypes
 from .subspace import (
@@ -47,6 +48,9 @@ from .text_embeddings import (
 
 
 __all__ = [
+    "class_dual_vectors",
+    "logit_constrained_edit",
+    "logit_drops",
     "DEFAULT_RANK_TOLERANCE",
     "DOMAIN_TEMPLATES",
     "EDIT_METHODS",
