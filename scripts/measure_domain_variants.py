@@ -11,13 +11,15 @@ lowest mean forgotten cell), **test reports** it:
 * ``ccup``: the library's domain edit (``add_forget_adapter(..., domains=[d], retain_domains=<the others>,
   retain_classes=<the other 6>, ccup_mu=μ)``), one key per (class, domain) cell (its templates averaged);
 * ``ccup_phrasings``: the same with one key per prompt (``average_templates=False``): several phrasings per cell;
-* ``logit``: :func:`hf_clip_forget.core.logit_edit.logit_constrained_edit` — only the forgotten class's logit
-  moves, along what separates its forget prompts from the kept domains' cells (every named class in the kept domains
-  and the plain class prompts, weight μ), until it sits ``margin`` below the best other class on the forget prompts.
-  Classifier rows: the plain cells of the 7 named classes with the edit's templates.
+* ``logit``: ``add_forget_adapter(..., method="logit", logit_mu=μ, logit_margin=margin)``
+  (:mod:`hf_clip_forget.core.logit_edit`) — only the forgotten class's logit moves, along what separates its forget
+  prompts from the kept domains' cells (every named class in the kept domains and the plain class prompts, weight
+  μ), until it sits ``margin`` below the best other class on the forget prompts.
 
-    python scripts/measure_domain_variants.py --data-dir ../shared/data --json docs/domain_variants.json \\
-        --plot docs/domain_variants.png
+Every edit is built through the public API, as a user builds it.
+
+    python scripts/measure_domain_variants.py --data-dir ../shared/data --json docs/domains_variants.json \\
+        --plot docs/domains_variants.png
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ import torch
 
 from hf_clip_forget.api import add_forget_adapter
 from hf_clip_forget.cli import cached_image_features, load_dual_encoder
-from hf_clip_forget.core import class_text_embeddings, domain_templates, logit_constrained_edit, resolve_templates
 from hf_clip_forget.evaluation import class_embeddings, project_image_features, score_predictions, zero_shot_logits
-from hf_clip_forget.families import family_of
 
 
 TASKS = (("dog", "sketch"), ("person", "art_painting"), ("guitar", "cartoon"), ("horse", "photo"))
@@ -77,68 +77,48 @@ def task_groups(before: dict, after: dict, name: str, domain: str, domains, clas
     result["goal_met"] = (
         result["forgotten"][1] <= GOAL["forgotten"]
         and change["same_class"] >= GOAL["same_class"]
-        and min(change["other_classes_forgotten_domain"], change["other_classes_kept_domains"]) >= GOAL["other_classes"]
+        and min(change["other_classes_forgotten_domain"], change["other_classes_kept_domains"])
+        >= GOAL["other_classes"]
     )
     return result
 
 
-class Keys:
-    """Unit prompt embeddings of (class, domain) cells with the edit's templates (``domain=None``: plain)."""
-
-    def __init__(self, model, tokenizer) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.plain = resolve_templates(family_of(model).templates_for("visual", retain_named=True))
-
-    def cell(self, name: str, domain: str | None, average: bool = True) -> torch.Tensor:
-        templates = self.plain if domain is None else domain_templates(domain)
-        return class_text_embeddings(self.model, self.tokenizer, [name], templates, average, show_progress=False
-                                     ).embeddings.double()  # fmt: skip
-
-
-def ccup_edits(model, tokenizer, name, domain, domains, classes, average):
-    """The library's domain edit at every μ: ``(setting, edited images function)``."""
-    for mu in CCUP_MUS:
+def library_edits(model, tokenizer, name, domain, domains, classes, settings):
+    """The library's domain edit at every setting of ``settings``: ``(setting, edited images function)``."""
+    for setting in settings:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             edited = add_forget_adapter(
                 model, [name], tokenizer, retain_classes=[c for c in classes if c != name], domains=[domain],
-                retain_domains=[d for d in domains if d != domain], ccup_mu=mu, average_templates=average,
-                adapter_name="variant", show_progress=False,
+                retain_domains=[d for d in domains if d != domain], adapter_name="variant", show_progress=False,
+                **setting,
             )  # fmt: skip
         try:
-            yield {"mu": mu}, lambda split, edited=edited: project_image_features(edited, split.features).double()
+            shown = {k.removeprefix("ccup_").removeprefix("logit_"): v for k, v in setting.items() if k != "method"}
+            shown.pop("average_templates", None)
+            yield shown, lambda split, edited=edited: project_image_features(edited, split.features).double()
         finally:
             edited.unload()
 
 
-def logit_edits(keys: Keys, classifier, name, domain, domains, classes):
-    kept_domains = [d for d in domains if d != domain]
-    kept = torch.cat([keys.cell(c, d) for c in classes for d in [None, *kept_domains]])
-    forget = {classes.index(name): keys.cell(name, domain)}
-    for mu in LOGIT_MUS:
-        for margin in LOGIT_MARGINS:
-            edit = logit_constrained_edit(classifier, forget, kept, mu=mu, margin=margin)
-            yield {"mu": mu, "margin": margin}, lambda split, edit=edit: edit.apply(split.images)
+VARIANTS = {
+    "ccup": [{"method": "ccup", "ccup_mu": mu} for mu in CCUP_MUS],
+    "ccup_phrasings": [{"method": "ccup", "ccup_mu": mu, "average_templates": False} for mu in CCUP_MUS],
+    "logit": [{"method": "logit", "logit_mu": mu, "logit_margin": m} for mu in LOGIT_MUS for m in LOGIT_MARGINS],
+}
 
 
 def measure(args) -> dict:
     model, tokenizer, image_processor = load_dual_encoder("demo")
-    keys = Keys(model, tokenizer)
     splits = {s: Split(model, image_processor, args.data_dir, s) for s in ("train", "test")}
     classes, domains = list(splits["test"].features.class_names), list(splits["test"].features.domain_names)
     evaluation = class_embeddings(model, tokenizer, classes, show_progress=False)
     for split in splits.values():
         split.judge_with(evaluation)
-    edit_classifier = torch.cat([keys.cell(c, None) for c in classes])
     rows = []
     for name, domain in TASKS:
-        families = {
-            "ccup": ccup_edits(model, tokenizer, name, domain, domains, classes, True),
-            "ccup_phrasings": ccup_edits(model, tokenizer, name, domain, domains, classes, False),
-            "logit": logit_edits(keys, edit_classifier, name, domain, domains, classes),
-        }
-        for variant, settings in families.items():
-            for setting, images_of in settings:
+        for variant, settings in VARIANTS.items():
+            for setting, images_of in library_edits(model, tokenizer, name, domain, domains, classes, settings):
                 row = {"variant": variant, "task": f"{name}/{domain}", **setting}
                 for split_name, split in splits.items():
                     after = split.cells(images_of(split))
@@ -212,8 +192,11 @@ def plot(results: dict, path: str) -> None:
         axis.set_ylabel(f"{name}, kept domains (%)", fontsize=8)
         axis.set_xlim(-3, 102), axis.set_ylim(-3, 102)
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Domain-specific forgetting, closed-form variants (demo model, PACS test). ★ before; circled: the "
-                 "setting chosen on train; goal: left of the band's edge and above the dotted line", fontsize=8)
+    fig.suptitle(
+        "Domain-specific forgetting, closed-form variants (demo model, PACS test). ★ before; circled: the "
+        "setting chosen on train; goal: left of the band's edge and above the dotted line",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -40,6 +40,8 @@ def add_forget_adapter(
     retain_text_embeds: Tensor | None = None,
     ccup_lambda: float | None = None,
     ccup_mu: float | None = None,
+    logit_mu: float | None = None,
+    logit_margin: float | None = None,
     keep_shared_direction: bool | None = None,
     domains: Sequence[str] | None = None,
     retain_domains: Sequence[str] | None = None,
@@ -74,9 +76,12 @@ def add_forget_adapter(
         alpha: nullspace strength in [0, 1] (default 1); the forget component of every image embedding is scaled
             by ``1 − alpha``. A CCUP edit refuses it (its strength is ``ccup_lambda`` / ``ccup_mu``), as a nullspace
             edit refuses those: a strength the method ignores would be recorded and change nothing.
-        method: ``"nullspace"`` (``I − α QQᵀ``) or ``"ccup"`` (keeps ``retain_classes``; weights ``ccup_lambda`` λ
-            and ``ccup_mu`` μ, each at most 1e8). Default: ``"ccup"`` for the domain paradigms (a nullspace cannot
-            keep the class in the other domains), ``"nullspace"`` otherwise.
+        method: ``"nullspace"`` (``I − α QQᵀ``), ``"ccup"`` (keeps ``retain_classes``; weights ``ccup_lambda`` λ
+            and ``ccup_mu`` μ, each at most 1e8) or ``"logit"`` (image side, needs ``retain_classes``: lowers only the
+            forgotten classes' logits — no other class's score moves — along what separates their forget prompts
+            from the kept cells; strengths ``logit_mu`` and ``logit_margin``; :mod:`hf_clip_forget.core.logit_edit`,
+            measured in ``docs/domains.md``). Default: ``"ccup"`` for the domain paradigms (a nullspace cannot keep
+            the class in the other domains), ``"nullspace"`` otherwise.
         templates: prompt templates: a list of format strings with one ``{}``, one string, or the name of a
             built-in set (``"single"``, ``"imagenet_selected"`` (7), ``"cifar"`` (18), ``"imagenet"`` (80)). Default:
             the family's — one template for a global image-side edit that names its retain classes, the
@@ -96,6 +101,10 @@ def add_forget_adapter(
             domain-specific edit μ *is* the trade-off between forgetting the cell and keeping the class in the
             other domains: lower forgets more and keeps less. ``calibrate_forget_adapter`` chooses it on your
             labelled images.
+        logit_mu, logit_margin: strengths of ``method="logit"``: the weight μ ≥ 0 of the kept cells' prompts (larger
+            moves the forgotten class less on them; default 10) and how far below the best other class its logit must
+            fall on its own forget prompts (cosine units ≥ 0, default 0.3; larger forgets harder). Defaults chosen on
+            PACS train with the demo model (``scripts/measure_domain_variants.py``).
         keep_shared_direction: take the image-side forget directions orthogonal to the mean direction of all named
             classes (forget and retain), so that a forgotten class's logit drops to about the average logit instead
             of 0. Default: on when ``retain_classes`` (or ``retain_text_embeds``) are given, the target is not
@@ -153,7 +162,8 @@ def add_forget_adapter(
     config = forget_config(
         base, classes, text_embeds=text_embeds, retain_classes=retain_classes, retain_text_embeds=retain_text_embeds,
         alpha=alpha, method=method, templates=templates, average_templates=average_templates, target=target,
-        ccup_lambda=ccup_lambda, ccup_mu=ccup_mu, keep_shared_direction=keep_shared_direction, domains=domains,
+        ccup_lambda=ccup_lambda, ccup_mu=ccup_mu, logit_mu=logit_mu, logit_margin=logit_margin,
+        keep_shared_direction=keep_shared_direction, domains=domains,
         retain_domains=retain_domains, paradigm=paradigm, domain_templates=domain_templates, prototypes=prototypes,
         retain_prototypes=retain_prototypes, prototype_options=prototype_options, rank_tolerance=rank_tolerance,
         expand_neighbours=expand_neighbours,
@@ -173,7 +183,11 @@ def add_forget_adapter(
 
 
 #: The strength settings of each edit method (what the other method ignores) and their defaults.
-STRENGTH_SETTINGS = {"nullspace": {"alpha": 1.0}, "ccup": {"ccup_lambda": 1000.0, "ccup_mu": None}}
+STRENGTH_SETTINGS = {
+    "nullspace": {"alpha": 1.0},
+    "ccup": {"ccup_lambda": 1000.0, "ccup_mu": None},
+    "logit": {"logit_mu": 10.0, "logit_margin": 0.3},
+}
 
 
 def _strength(method: str, paradigm: str, settings: dict) -> dict:
@@ -191,7 +205,7 @@ def _strength(method: str, paradigm: str, settings: dict) -> dict:
     for name, default in STRENGTH_SETTINGS.get(method, {}).items():
         if filled.get(name) is None:
             filled[name] = default_ccup_mu(paradigm) if name == "ccup_mu" else default
-    for name in ("alpha", "ccup_lambda", "ccup_mu"):  # the config's own defaults for the other method's fields
+    for name in ("alpha", "ccup_lambda", "ccup_mu", "logit_mu", "logit_margin"):  # the config's own defaults
         if filled.get(name) is None:
             filled.pop(name, None)
     return filled
@@ -251,10 +265,15 @@ def forget_config(
     method = method or ("ccup" if paradigm != "global" else "nullspace")
     settings = _strength(method, paradigm, settings)
     has_retain = retain_classes is not None or retain_text_embeds is not None or paradigm == "domain"
+    if method == "logit" and keep_shared_direction:
+        raise ValueError(
+            "`keep_shared_direction` shapes nullspace and CCUP edits; method='logit' moves only the forgotten "
+            "classes' logits and has no shared direction to keep. Drop `keep_shared_direction`."
+        )
     if keep_shared_direction is None:
         # with prototypes, the text-side shared direction would keep the forgotten class's share while the
         # prototypes' image-side common component is removed from every image (measured in docs/domains.md)
-        keep_shared_direction = has_retain and target != "text" and not prototypes
+        keep_shared_direction = has_retain and target != "text" and not prototypes and method != "logit"
     elif keep_shared_direction and target == "text":
         raise ValueError(
             "`keep_shared_direction` shapes the image-side edit; with target='text' there is none. Use "

@@ -158,6 +158,12 @@ def calibrate_forget_adapter(
     ccup_lambda = adapter_options.pop("ccup_lambda", None)
     if ccup_lambda is not None and search.lambdas is not None:
         raise ValueError("Give λ once: `ccup_lambda` (fixed) or `search={'lambdas': [...]}` (searched), not both.")
+    if method == "logit":
+        raise ValueError(
+            "calibrate_forget_adapter searches the strength of nullspace (α) and CCUP (μ) edits; method='logit' bakes "
+            "its strengths into its factors and is not calibrated yet. Give `logit_mu` / `logit_margin` to "
+            "`add_forget_adapter` (defaults measured in docs/domains.md), or calibrate method='ccup'."
+        )
     holder = adapter_holder(model)
     base = holder.get_base_model() if holder is not None else model
     validation = read_validation_data(data)

@@ -41,6 +41,8 @@ def command_forget(args) -> int:
             method=args.method,
             ccup_lambda=args.ccup_lambda,
             ccup_mu=args.ccup_mu,
+            logit_mu=args.logit_mu,
+            logit_margin=args.logit_margin,
             templates=templates_option(args.templates),
             target=args.target,
             keep_shared_direction=False if args.no_keep_shared_direction else None,

@@ -117,16 +117,27 @@ def _add_forget_parser(commands) -> None:
     forget.add_argument("--alpha", type=float, default=None, help="nullspace strength in [0, 1] (default 1)")
     forget.add_argument(
         "--method",
-        choices=["nullspace", "ccup"],
+        choices=["nullspace", "ccup", "logit"],
         default=None,
-        help="default: ccup with --domains (paradigm domain/complete), nullspace otherwise",
+        help="default: ccup with --domains (paradigm domain/complete), nullspace otherwise; logit (image side, needs "
+        "--retain-classes) lowers only the forgotten classes' scores, the best on PACS domains (docs/domains.md)",
     )
     forget.add_argument(
         "--ccup-mu",
         type=float,
         default=None,
         help="CCUP retain weight μ >= 0 (lower forgets more and keeps less elsewhere; default: 100 for global edits, "
-        "50 for --paradigm domain, measured in docs/domains.md)",
+        "30 for --paradigm domain, measured in docs/domains.md)",
+    )
+    forget.add_argument(
+        "--logit-mu", type=float, default=None, help="--method logit: weight μ >= 0 of the kept cells (default 10)"
+    )
+    forget.add_argument(
+        "--logit-margin",
+        type=float,
+        default=None,
+        help="--method logit: how far below the best other class the forgotten class must fall on its own prompts "
+        "(cosine units >= 0; default 0.3; higher forgets more)",
     )
     forget.add_argument("--ccup-lambda", type=float, default=None, help="CCUP forget weight λ >= 0 (default 1000)")
     forget.add_argument(

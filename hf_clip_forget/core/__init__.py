@@ -48,9 +48,6 @@ from .text_embeddings import (
 
 
 __all__ = [
-    "class_dual_vectors",
-    "logit_constrained_edit",
-    "logit_drops",
     "DEFAULT_RANK_TOLERANCE",
     "DOMAIN_TEMPLATES",
     "EDIT_METHODS",
@@ -72,6 +69,7 @@ __all__ = [
     "build_edit_factors",
     "ccup_edit",
     "check_tokenizer_fits",
+    "class_dual_vectors",
     "class_text_embeddings",
     "compose_edits",
     "describe_templates",
@@ -84,6 +82,8 @@ __all__ = [
     "gram_factor",
     "image_side_embeddings",
     "linear_probe",
+    "logit_constrained_edit",
+    "logit_drops",
     "nearest_words",
     "normalize_rows",
     "nullspace_edit",

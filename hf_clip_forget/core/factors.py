@@ -61,6 +61,11 @@ def build_edit_factors(
     """
     if method not in EDIT_METHODS:
         raise ValueError(f"`method` must be one of {EDIT_METHODS}, got {method!r}.")
+    if method == "logit":
+        raise ValueError(
+            "Logit-constrained factors depend on the classifier and on each forgotten class's own keys, not on two "
+            "stacks of embeddings: build them with `hf_clip_forget.core.logit_constrained_edit`."
+        )
     forget = normalize_rows(forget_embeds)
     retain = normalize_rows(retain_embeds) if retain_embeds is not None else None
     if keep_shared_direction:

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 
-EditMethod = Literal["nullspace", "ccup"]
-EDIT_METHODS: tuple[str, ...] = ("nullspace", "ccup")
+EditMethod = Literal["nullspace", "ccup", "logit"]
+EDIT_METHODS: tuple[str, ...] = ("nullspace", "ccup", "logit")
 
 #: Default relative tolerance under which singular directions count as numerical noise.
 DEFAULT_RANK_TOLERANCE = 1e-5
@@ -238,10 +238,12 @@ class EditSpec:
 
     Attributes:
         name: the adapter name (used only to order the stack deterministically).
-        method: ``"nullspace"`` (``forget`` is an orthonormal basis) or ``"ccup"`` (``forget``/``retain`` are Gram
-            factors, see :func:`gram_factor`).
+        method: ``"nullspace"`` (``forget`` is an orthonormal basis), ``"ccup"`` (``forget``/``retain`` are Gram
+            factors, see :func:`gram_factor`) or ``"logit"`` (``forget`` holds the forgotten classes' dual vectors
+            ``w_k`` and ``retain`` their detectors ``b_k``, :mod:`.logit_edit`: the edit of class directions is
+            ``I − [b_k][w_k]ᵀ``, the strengths are in the factors).
         forget: ``(d, k)`` forget factor.
-        retain: ``(d, r)`` retain factor, or ``None`` (CCUP only).
+        retain: ``(d, r)`` retain factor, or ``None`` (CCUP only; ``"logit"``: ``(d, k)``, required).
         alpha: strength of a nullspace edit in ``[0, 1]``.
         ccup_lambda, ccup_mu: CCUP weights of the forget and retain terms.
     """
@@ -283,11 +285,15 @@ def compose_edits(specs: Sequence[EditSpec], dim: int, rtol: float = DEFAULT_RAN
       largest ``α`` among them. The result does not depend on the order in which adapters were added.
     * CCUP adapters: one joint CCUP solve over all their forget and retain terms,
       ``M = I − F̃ F̃ᵀ A⁻¹`` with ``F̃ = [√λ_i F_i]``, ``A = I + F̃F̃ᵀ + Σ μ_i R_i R_iᵀ``.
-    * Both kinds in one stack: ``M = P_nullspace · M_ccup`` — the hard nullspace constraints are applied last, so
-      nothing of a nullspace adapter's subspace survives.
+    * Logit-constrained adapters (:mod:`.logit_edit`): their rank-1 terms add, ``M_logit = I − Σ_k b_k w_kᵀ`` (on
+      class directions: each forgotten class's direction loses its detector; with one classifier, each class's logit
+      falls by its own term only).
+    * Several kinds in one stack: ``M = P_nullspace · M_ccup · M_logit`` — the logit terms act first on the class
+      directions, the hard nullspace constraints last, so nothing of a nullspace adapter's subspace survives.
     """
     nullspace_specs = sorted((s for s in specs if s.method == "nullspace"), key=lambda s: (-s.alpha, s.name))
     ccup_specs = sorted((s for s in specs if s.method == "ccup"), key=lambda s: s.name)
+    logit_specs = sorted((s for s in specs if s.method == "logit"), key=lambda s: s.name)
     unknown = [s.method for s in specs if s.method not in EDIT_METHODS]
     if unknown:
         raise ValueError(f"Unknown edit method(s) {unknown}; expected one of {EDIT_METHODS}.")
@@ -319,12 +325,28 @@ def compose_edits(specs: Sequence[EditSpec], dim: int, rtol: float = DEFAULT_RAN
     weighted_retain = [
         (s.ccup_mu**0.5) * s.retain.to(torch.float64) for s in ccup_specs if s.retain is not None and s.ccup_mu > 0
     ]
-    edit = _joint_ccup(weighted_forget, weighted_retain, dim, device).then(projector)
+    edit = _logit_terms(logit_specs, dim, device).then(_joint_ccup(weighted_forget, weighted_retain, dim, device))
+    edit = edit.then(projector)
     if not (torch.isfinite(edit.left).all() and torch.isfinite(edit.right).all()):
         raise ValueError(
             f"The combined edit of {[s.name for s in specs]} is not finite (CCUP weights too large for the factors?)."
         )
     return edit
+
+
+def _logit_terms(specs: Sequence[EditSpec], dim: int, device) -> LowRankEdit:
+    """``I − Σ_k b_k w_kᵀ`` over every logit-constrained adapter (left: the detectors, right: the dual vectors)."""
+    if not specs:
+        return LowRankEdit.identity(dim, device=device)
+    missing = [s.name for s in specs if s.retain is None or s.retain.shape != s.forget.shape]
+    if missing:
+        raise ValueError(
+            f"Logit-constrained adapter(s) {missing} lack their detector factor (one per dual vector): the adapter "
+            "is broken. Delete it and build or load it again."
+        )
+    detectors = torch.cat([s.retain.to(torch.float64) for s in specs], dim=1)
+    duals = torch.cat([s.forget.to(torch.float64) for s in specs], dim=1)
+    return LowRankEdit(detectors.contiguous(), duals.contiguous())
 
 
 def _absolute_basis(columns: Tensor, tol: float) -> Tensor:

@@ -46,8 +46,14 @@ def adapter_row(name: str, config, active: bool, audit=None) -> dict:
             with_neighbours(c, getattr(config, "neighbour_names", {}), audit) for c in config.forgotten_classes
         ],
         "method": config.method + (", shared direction kept" if config.keep_shared_direction else ""),
-        "alpha": f"{config.alpha:g}" if not ccup else "–",
-        "lambda_mu": f"{config.ccup_lambda:g} / {config.ccup_mu:g}" if ccup else "–",
+        "alpha": f"{config.alpha:g}" if config.method == "nullspace" else "–",
+        "lambda_mu": (
+            f"{config.ccup_lambda:g} / {config.ccup_mu:g}"
+            if ccup
+            else f"μ {config.logit_mu:g}, margin {config.logit_margin:g}"
+            if config.method == "logit"
+            else "–"
+        ),
         "rank": ", ".join(f"{escape_markdown(m)}: {k}" for m, k in sorted(config.rank_pattern.items())) or "0",
         "targets": ", ".join(f"`{m}`" for m in target_names(config)),
         "templates": described,
@@ -133,6 +139,13 @@ def method_notes(configs) -> str:
             "*ccup*: `M = argmin ‖M − I‖² + λ‖M T_f‖² + μ‖M T_r − T_r‖²` (closed form) on the text directions; the "
             "image projection becomes `W' = Mᵀ W`, so every image's logits are those of the edited directions: the "
             "forgotten classes' near 0, the retained classes' kept."
+        )
+    if "logit" in methods:
+        notes.append(
+            "*logit*: the image projection becomes `W' = (I − Σ_k w_k b_kᵀ) W`, `w_k` the forgotten class's dual "
+            "vector among the named classes' prompt directions (so no other class's logit moves), `b_k` the smallest "
+            "direction (weighted by μ on the kept cells' prompts) that puts the class `margin` below the best other "
+            "class on its own forget prompts (`hf_clip_forget.core.logit_edit`)."
         )
     if any(config.paradigm != "global" for config in configs):
         notes.append(

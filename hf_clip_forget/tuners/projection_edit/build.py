@@ -31,6 +31,7 @@ from .embedder import Embedder, Embeddings, domain_aware
 from .estimate import effect_record, estimate_built_effect, may_be_weak, warn_if_weak
 from .integrity import tensor_sha256
 from .layer import ProjectionEditLayer
+from .logit_factors import logit_edit_factors
 from .neighbours import with_neighbour_names
 from .preprocessors import resolve_tokenizer
 from .provenance import base_model_source, provenance, shareable_model_id
@@ -90,6 +91,11 @@ def build_adapter(model: nn.Module, config: ProjectionEditConfig, inputs: BuildI
         config = dataclasses.replace(config, ccup_mu=default_ccup_mu(config.paradigm))
     modules = target_projections(model, config)
     _check_request(config, inputs)
+    if config.method == "logit" and any(family_of(model).is_text_side(name) for name in modules):
+        raise ValueError(
+            "method='logit' edits the image side only (its guarantee — no other class's logit moves — holds for image "
+            "embeddings scored against the class prompts). Use target='visual', or method='ccup' for the text side."
+        )
     with contextlib.nullcontext() if inputs.use_cache else prompt_cache_disabled():
         return _build(model, config, inputs, modules)
 
@@ -108,7 +114,7 @@ def _build(model: nn.Module, config: ProjectionEditConfig, inputs: BuildInputs, 
         config = with_neighbour_names(model, config, tokenizer, inputs.batch_size, inputs.show_progress)
         embedder = Embedder(model, config, inputs, tokenizer, projection_shape(model, family_of(model).text.module)[0])
         embeddings = embedder.embeddings(modules)
-        factors = {name: _module_factors(text_side[name], config, embeddings) for name in modules}
+        factors = {name: _module_factors(text_side[name], config, embeddings, embedder) for name in modules}
         empty = [name for name, f in factors.items() if f.forget.shape[1] == 0]
         if empty:
             raise ValueError(
@@ -214,9 +220,31 @@ def _check_request(config: ProjectionEditConfig, inputs: BuildInputs) -> None:
             "`keep_shared_direction=True` needs `retain_classes`: the shared direction is the mean of all named "
             "classes (forget and retain). Pass the other classes the model should keep recognising."
         )
+    _check_logit_request(config, inputs)
     unknown = sorted(set(config.prototype_options) - PROTOTYPE_OPTIONS)
     if unknown:
         raise ValueError(f"Unknown `prototype_options` {unknown}; accepted: {sorted(PROTOTYPE_OPTIONS)}.")
+
+
+def _check_logit_request(config: ProjectionEditConfig, inputs: BuildInputs) -> None:
+    """``method="logit"`` lowers class logits relative to the other candidates, on the image side, from class names."""
+    if config.method != "logit":
+        return
+    if not config.retain_classes:
+        raise ValueError(
+            "method='logit' lowers the forgotten classes' logits below the other candidates', so it must know them: "
+            "pass `retain_classes` (the other classes you classify among), or use method='ccup' / 'nullspace'."
+        )
+    if config.embedding_source != "class_names" or inputs.retain_text_embeds is not None:
+        raise ValueError(
+            "method='logit' is built from class names (its classifier is each class's prompts); it cannot use "
+            "`text_embeds` / `retain_text_embeds`. Pass the class names, or use method='ccup' / 'nullspace'."
+        )
+    if config.prototypes or config.retain_prototypes or config.expand_neighbours or config.neighbour_names:
+        raise ValueError(
+            "method='logit' is built from prompts only: `prototypes`, `retain_prototypes` and `expand_neighbours` are "
+            "not supported with it. Drop them, or use method='ccup'."
+        )
 
 
 def _needs_text_tower(model, config: ProjectionEditConfig, inputs: BuildInputs, modules: Sequence[str]) -> bool:
@@ -237,7 +265,9 @@ def _all_templates(model, config: ProjectionEditConfig) -> list[str]:
     ]
 
 
-def _module_factors(text_side: bool, config: ProjectionEditConfig, embeddings: Embeddings) -> EditFactors:
+def _module_factors(text_side: bool, config: ProjectionEditConfig, embeddings: Embeddings, embedder) -> EditFactors:
+    if config.method == "logit":
+        return logit_edit_factors(embedder, embeddings, config)
     if text_side:
         return build_edit_factors(
             config.method, embeddings.forget, embeddings.retain, embeddings.anchor, rtol=config.rank_tolerance,

@@ -37,8 +37,10 @@ class ProjectionEditConfig(PeftConfig):
         exclude_modules (`list[str]` or `str`, *optional*):
             Modules not to wrap.
         method (`str`, defaults to `"nullspace"`):
-            `"nullspace"` (projection onto the orthogonal complement of the forget subspace) or `"ccup"`
-            (projection that also keeps a retain set).
+            `"nullspace"` (projection onto the orthogonal complement of the forget subspace), `"ccup"`
+            (projection that also keeps a retain set) or `"logit"` (image side, needs `retain_classes`: lowers only
+            the forgotten classes' logits, along what separates their forget prompts from the kept cells; see
+            `hf_clip_forget.core.logit_edit`).
         alpha (`float`, defaults to 1.0):
             Strength of a nullspace edit in [0, 1]: the forget component of every embedding is scaled by `1 − alpha`.
         keep_shared_direction (`bool`, defaults to `False`):
@@ -63,6 +65,12 @@ class ProjectionEditConfig(PeftConfig):
             CCUP weight λ ≥ 0 of the forget term; larger forgets harder.
         ccup_mu (`float`, defaults to 100.0):
             CCUP weight μ ≥ 0 of the retain term; larger keeps retain classes closer to unchanged.
+        logit_mu (`float`, defaults to 10.0):
+            `method="logit"`: weight μ ≥ 0 of the kept cells' prompts; larger moves the forgotten class's logit less
+            on them (and on the images they stand for).
+        logit_margin (`float`, defaults to 0.3):
+            `method="logit"`: how far below the best other class (cosine units) the forgotten class's logit must
+            fall on each of its forget prompts; larger forgets harder.
         rank_pattern (`dict[str, int]`):
             Number of forget-factor columns per target module (filled by `add_forget_adapter`; needed to create
             correctly shaped buffers before a checkpoint is loaded).
@@ -132,7 +140,7 @@ class ProjectionEditConfig(PeftConfig):
         metadata={"help": "Layers to wrap (the family's image and/or text layer); default: the image side."},
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to wrap."})
-    method: str = field(default="nullspace", metadata={"help": "Edit method: 'nullspace' or 'ccup'."})
+    method: str = field(default="nullspace", metadata={"help": "Edit method: 'nullspace', 'ccup' or 'logit'."})
     alpha: float = field(default=1.0, metadata={"help": "Nullspace strength in [0, 1]; 1 removes the subspace."})
     keep_shared_direction: bool = field(
         default=False,
@@ -147,6 +155,10 @@ class ProjectionEditConfig(PeftConfig):
     prototype_options: dict = field(default_factory=dict, metadata={"help": "Prototype synthesis settings."})
     ccup_lambda: float = field(default=1000.0, metadata={"help": "CCUP forget weight λ >= 0."})
     ccup_mu: float = field(default=100.0, metadata={"help": "CCUP retain weight μ >= 0."})
+    logit_mu: float = field(default=10.0, metadata={"help": "method='logit': weight μ >= 0 of the kept cells."})
+    logit_margin: float = field(
+        default=0.3, metadata={"help": "method='logit': margin >= 0 below the best other class on forget prompts."}
+    )
     rank_pattern: dict = field(
         default_factory=dict,
         metadata={"help": "Forget-factor columns per target module, e.g. {'visual_projection': 2}."},
@@ -247,7 +259,7 @@ class ProjectionEditConfig(PeftConfig):
         if self.paradigm not in PARADIGMS:
             raise ValueError(f"`paradigm` must be one of {list(PARADIGMS)}, got {self.paradigm!r}.")
         check_alpha(self.alpha)
-        for name in ("ccup_lambda", "ccup_mu"):
+        for name in ("ccup_lambda", "ccup_mu", "logit_mu", "logit_margin"):
             check_nonnegative(getattr(self, name), name)
             if getattr(self, name) > MAX_CCUP_WEIGHT:
                 raise ValueError(
@@ -268,6 +280,27 @@ class ProjectionEditConfig(PeftConfig):
                 f"`embedding_source` must be 'class_names' or 'text_embeds', got {self.embedding_source!r}."
             )
 
+    #: The config fields that set each method's strength.
+    METHOD_STRENGTHS = {
+        "nullspace": ("alpha",),
+        "ccup": ("ccup_lambda", "ccup_mu"),
+        "logit": ("logit_mu", "logit_margin"),
+    }
+
+    @property
+    def strength(self) -> dict[str, float]:
+        """The strength of this adapter's method, e.g. ``{"alpha": 1.0}`` or ``{"logit_mu": 10.0,
+        "logit_margin": 0.3}``."""
+        return {name: getattr(self, name) for name in self.METHOD_STRENGTHS[self.method]}
+
+    def describe_strength(self) -> str:
+        """``"α = 1"``, ``"CCUP μ = 30"`` or ``"logit μ = 10, margin = 0.3"``."""
+        if self.method == "nullspace":
+            return f"α = {self.alpha:g}"
+        if self.method == "ccup":
+            return f"CCUP μ = {self.ccup_mu:g}"
+        return f"logit μ = {self.logit_mu:g}, margin = {self.logit_margin:g}"
+
     def _check_shapes_and_ranks(self) -> None:
         """Saved ranks and shapes come from untrusted files: check them before any buffer is allocated."""
         for module, shape in self.projection_shapes.items():
@@ -285,6 +318,13 @@ class ProjectionEditConfig(PeftConfig):
                         f"`{name}[{module!r}]` = {rank} exceeds the layer's {out_features} output features: a factor "
                         "has at most one column per embedding dimension. The adapter config is corrupt or altered."
                     )
+
+        if self.method == "logit" and self.rank_pattern and self.retain_rank_pattern != self.rank_pattern:
+            raise ValueError(
+                "A logit-constrained adapter stores one detector per dual vector (`retain_rank_pattern` equal to "
+                f"`rank_pattern`), got {self.retain_rank_pattern} and {self.rank_pattern}: the adapter config is "
+                "corrupt or altered."
+            )
 
     def _check_neighbours(self) -> None:
         count = self.expand_neighbours

@@ -116,9 +116,7 @@ def _edit(config: ProjectionEditConfig, factors: EditFactors, dim: int):
 
 def effect_record(config: ProjectionEditConfig, effect: EditEffect) -> dict:
     """What ``provenance["effect_estimate"]`` holds: the estimate and the strength it was computed for."""
-    strength = {"alpha": config.alpha} if config.method == "nullspace" else {
-        "ccup_lambda": config.ccup_lambda, "ccup_mu": config.ccup_mu}  # fmt: skip
-    return {**effect.to_dict(), "strength": strength}
+    return {**effect.to_dict(), "strength": config.strength}
 
 
 def may_be_weak(config: ProjectionEditConfig, text_side: bool) -> bool:
@@ -134,13 +132,15 @@ def warn_if_weak(config: ProjectionEditConfig, effect: EditEffect | None, text_s
     if effect is None or not effect.is_weak or not may_be_weak(config, text_side):
         return
     where = f" in {config.domains}" if config.paradigm != "global" else ""
-    strength = f"α = {config.alpha:g}" if config.method == "nullspace" else f"CCUP μ = {config.ccup_mu:g}"
+    strength = config.describe_strength()
     if not config.retain_classes and config.paradigm != "global":
         fixes = [
             "name the other candidate classes (`retain_classes`, CLI `--retain-classes`): without them the edit "
             "cannot tell the class in this domain from the domain itself and keeps the class's own direction, so no "
             "strength helps (measured on PACS: unchanged at every μ from 1 to 1000)"
         ]
+    elif config.method == "logit":
+        fixes = [f"raise `logit_margin` (now {config.logit_margin:g}; higher forgets more and keeps less elsewhere)"]
     else:
         fixes = [
             "choose the strength on a few labelled images of your own with `hf_clip_forget.calibrate_forget_adapter` "
@@ -189,9 +189,7 @@ def effect_estimate_line(config: ProjectionEditConfig) -> str | None:
     record = (config.provenance or {}).get("effect_estimate")
     if not isinstance(record, dict) or not isinstance(record.get("forgotten"), dict):
         return None
-    strength = {"alpha": config.alpha} if config.method == "nullspace" else {
-        "ccup_lambda": config.ccup_lambda, "ccup_mu": config.ccup_mu}  # fmt: skip
-    if record.get("strength") != strength or record.get("predicted_kept") is None:
+    if record.get("strength") != config.strength or record.get("predicted_kept") is None:
         return None
     kept = record["predicted_kept"]
     measure = "logit" if record["forgotten"].get("margin_before") is None else "zero-shot margin"

@@ -125,6 +125,8 @@ CONFIG_SCHEMA: dict[str, Spec] = {
     "prototype_options": RECORD,
     "ccup_lambda": NUMBER,
     "ccup_mu": OPTIONAL_NUMBER,
+    "logit_mu": NUMBER,
+    "logit_margin": NUMBER,
     "rank_pattern": RANKS,
     "retain_rank_pattern": RANKS,
     "projection_shapes": SHAPES,
