@@ -134,10 +134,12 @@ def sweep(bench: Bench, mus: list[float], prototype_mus: list[float], prototypes
     for forget_class, domain in DOMAIN_TASKS:
         for mu in mus:
             for name_others in (True, False):
-                rows.append(bench.run("domain", forget_class, (domain,), name_others=name_others, ccup_mu=mu))
+                rows.append(bench.run("domain", forget_class, (domain,), name_others=name_others, method="ccup",
+                                      ccup_mu=mu))  # fmt: skip
                 describe(rows[-1])
         for mu in prototype_mus:
-            rows.append(bench.run("domain", forget_class, (domain,), ccup_mu=mu, prototypes=prototypes, steps=steps))
+            rows.append(bench.run("domain", forget_class, (domain,), method="ccup", ccup_mu=mu, prototypes=prototypes,
+                                  steps=steps))  # fmt: skip
             describe(rows[-1])
     return rows
 

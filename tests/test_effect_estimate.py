@@ -180,7 +180,8 @@ def test_a_domain_edit_that_names_no_other_class_warns_and_says_the_fix(tokenize
 
 def test_the_paradigm_default_mu_is_used_and_recorded_when_none_is_given(tokenizer, monkeypatch):
     monkeypatch.setitem(DEFAULT_CCUP_MU, "domain", 7.0)  # a value no other default has: the resolution is visible
-    domain = {"retain_classes": ["cat"], "domains": ["sketch"], "retain_domains": ["photo"], "show_progress": False}
+    domain = {"retain_classes": ["cat"], "domains": ["sketch"], "retain_domains": ["photo"], "method": "ccup",
+              "show_progress": False}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", WeakEditWarning)
         default = add_forget_adapter(tiny_clip(), ["dog"], tokenizer, **domain)

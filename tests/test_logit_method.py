@@ -54,7 +54,7 @@ def test_it_saves_loads_verifies_and_merges_exactly(tokenizer, tmp_path):
     expected = image_embeddings(edited, pixels)
     edited.save_pretrained(tmp_path / "adapter")
     card = (tmp_path / "adapter" / "README.md").read_text(encoding="utf-8")
-    assert "*logit*" in card and "μ 10, margin 0.3" in card  # the card says which method and strengths
+    assert "*logit*" in card and "μ 10, margin 0.2" in card  # the card says which method and strengths
     loaded = ForgetPeftModel.from_pretrained(tiny_clip(), tmp_path / "adapter")
     assert torch.allclose(image_embeddings(loaded, pixels), expected, atol=1e-6)
     assert loaded.verify(tokenizer=tokenizer).ok  # rebuilding from the config gives the stored factors
@@ -142,3 +142,16 @@ def test_a_logit_config_whose_detectors_do_not_match_its_duals_is_refused(tokeni
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="one detector per dual vector"):
         ForgetPeftModel.from_pretrained(tiny_clip(), tmp_path)
+
+
+def test_the_default_method_follows_the_request(tokenizer):
+    from hf_clip_forget.api.adding import forget_config
+
+    model = tiny_clip()
+    domain = {"domains": ["sketch"], "retain_domains": ["photo"]}
+    assert forget_config(model, ["dog"], retain_classes=CLASSES[1:], **domain).method == "logit"  # measured best
+    assert forget_config(model, ["dog"], **domain).method == "ccup"  # logit needs the other candidates
+    assert forget_config(model, ["dog"], retain_classes=CLASSES[1:], prototypes=2, **domain).method == "ccup"
+    assert forget_config(model, ["dog"], retain_classes=CLASSES[1:], ccup_mu=30.0, **domain).method == "ccup"
+    assert forget_config(model, ["dog"], retain_classes=CLASSES[1:], logit_margin=0.1).method == "logit"
+    assert forget_config(model, ["dog"], retain_classes=CLASSES[1:]).method == "nullspace"

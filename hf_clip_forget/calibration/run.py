@@ -158,6 +158,7 @@ def calibrate_forget_adapter(
     ccup_lambda = adapter_options.pop("ccup_lambda", None)
     if ccup_lambda is not None and search.lambdas is not None:
         raise ValueError("Give λ once: `ccup_lambda` (fixed) or `search={'lambdas': [...]}` (searched), not both.")
+    method = method or ("ccup" if (paradigm or ("domain" if domains else "global")) != "global" else "nullspace")
     if method == "logit":
         raise ValueError(
             "calibrate_forget_adapter searches the strength of nullspace (α) and CCUP (μ) edits; method='logit' bakes "

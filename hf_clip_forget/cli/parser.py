@@ -119,8 +119,9 @@ def _add_forget_parser(commands) -> None:
         "--method",
         choices=["nullspace", "ccup", "logit"],
         default=None,
-        help="default: ccup with --domains (paradigm domain/complete), nullspace otherwise; logit (image side, needs "
-        "--retain-classes) lowers only the forgotten classes' scores, the best on PACS domains (docs/domains.md)",
+        help="default: logit for --paradigm domain with --retain-classes (image side: lowers only the forgotten "
+        "classes' scores; the best measured on PACS domains, docs/domains.md), ccup for other --domains edits, "
+        "nullspace otherwise",
     )
     forget.add_argument(
         "--ccup-mu",
@@ -137,7 +138,7 @@ def _add_forget_parser(commands) -> None:
         type=float,
         default=None,
         help="--method logit: how far below the best other class the forgotten class must fall on its own prompts "
-        "(cosine units >= 0; default 0.3; higher forgets more)",
+        "(cosine units >= 0; default 0.2; higher forgets more)",
     )
     forget.add_argument("--ccup-lambda", type=float, default=None, help="CCUP forget weight λ >= 0 (default 1000)")
     forget.add_argument(

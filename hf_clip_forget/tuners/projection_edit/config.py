@@ -68,7 +68,7 @@ class ProjectionEditConfig(PeftConfig):
         logit_mu (`float`, defaults to 10.0):
             `method="logit"`: weight μ ≥ 0 of the kept cells' prompts; larger moves the forgotten class's logit less
             on them (and on the images they stand for).
-        logit_margin (`float`, defaults to 0.3):
+        logit_margin (`float`, defaults to 0.2):
             `method="logit"`: how far below the best other class (cosine units) the forgotten class's logit must
             fall on each of its forget prompts; larger forgets harder.
         rank_pattern (`dict[str, int]`):
@@ -157,7 +157,7 @@ class ProjectionEditConfig(PeftConfig):
     ccup_mu: float = field(default=100.0, metadata={"help": "CCUP retain weight μ >= 0."})
     logit_mu: float = field(default=10.0, metadata={"help": "method='logit': weight μ >= 0 of the kept cells."})
     logit_margin: float = field(
-        default=0.3, metadata={"help": "method='logit': margin >= 0 below the best other class on forget prompts."}
+        default=0.2, metadata={"help": "method='logit': margin >= 0 below the best other class on forget prompts."}
     )
     rank_pattern: dict = field(
         default_factory=dict,
@@ -290,11 +290,11 @@ class ProjectionEditConfig(PeftConfig):
     @property
     def strength(self) -> dict[str, float]:
         """The strength of this adapter's method, e.g. ``{"alpha": 1.0}`` or ``{"logit_mu": 10.0,
-        "logit_margin": 0.3}``."""
+        "logit_margin": 0.2}``."""
         return {name: getattr(self, name) for name in self.METHOD_STRENGTHS[self.method]}
 
     def describe_strength(self) -> str:
-        """``"α = 1"``, ``"CCUP μ = 30"`` or ``"logit μ = 10, margin = 0.3"``."""
+        """``"α = 1"``, ``"CCUP μ = 30"`` or ``"logit μ = 10, margin = 0.2"``."""
         if self.method == "nullspace":
             return f"α = {self.alpha:g}"
         if self.method == "ccup":
