@@ -13,7 +13,7 @@ Three runs, each writing its own key of ``--json`` (other keys are kept):
     python scripts/measure_domains.py --sweep --split test --prototype-mus 100,10 --json docs/domains.json
     # the default μ, chosen on the train sweep (rule: choose_default_mu), and the trade-off plot
     python scripts/measure_domains.py --choose-mu --json docs/domains.json --plot docs/domain_tradeoffs.png
-    # the data-free estimate of global edits, text side and image side (docs/audit.md has their real effect)
+    # the data-free estimate of global text-side edits (docs/audit.md has their real effect)
     python scripts/measure_domains.py --global-estimates --json docs/domains.json
     # the earlier study: global / domain / complete, text-only vs text + prototypes (issue 5), test split, with the
     # plain templates of its time (80)
@@ -170,8 +170,9 @@ GLOBAL_ESTIMATES = {
 
 
 def global_estimates(data_dir: str, model_name: str) -> list[dict]:
-    """The data-free estimate of global edits naming every other class of the data, text side and image side (no
-    images are read: only the class names)."""
+    """The data-free estimate of global text-side edits naming every other class of the data (no images are read:
+    only the class names). Global image-side edits are not estimated: they remove the forgotten prompts' span from
+    every image (since issue 13 a build skips their estimate)."""
     import datasets
 
     model, tokenizer, _ = load_dual_encoder(model_name)
@@ -179,7 +180,7 @@ def global_estimates(data_dir: str, model_name: str) -> list[dict]:
     for name, forget_sets in GLOBAL_ESTIMATES.items():
         path = os.path.join(data_dir, name, "test.parquet")
         names = datasets.load_dataset("parquet", data_files={"test": path}, split="test").features["label"].names
-        for forget, target in [(forget, target) for forget in forget_sets for target in ("text", "visual")]:
+        for forget, target in [(forget, "text") for forget in forget_sets]:
             others = [c for c in names if c not in forget]
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
