@@ -37,8 +37,14 @@ DOCS = ROOT / "docs"
 #: Documents whose tables quote JSON files other than their own name's (doc → the JSON files, why).
 SOURCES: dict[str, tuple[tuple[str, ...], str]] = {
     "README.md": (
-        ("domains.json", "domains_variants.json", "audit.json", "audit_caltech101.json", "calibration.json",
-         "forgetting.json"),
+        (
+            "domains.json",
+            "domains_variants.json",
+            "audit.json",
+            "audit_caltech101.json",
+            "calibration.json",
+            "forgetting.json",
+        ),
         "the README's tables summarise docs/domains.md and docs/audit.md",
     ),
     "domains.md": (
