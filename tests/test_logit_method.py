@@ -152,6 +152,8 @@ def test_the_default_method_follows_the_request(tokenizer):
     assert forget_config(model, ["dog"], retain_classes=CLASSES[1:], **domain).method == "logit"  # measured best
     assert forget_config(model, ["dog"], **domain).method == "ccup"  # logit needs the other candidates
     assert forget_config(model, ["dog"], retain_classes=CLASSES[1:], prototypes=2, **domain).method == "ccup"
+    # a domain edit given CCUP's strength stays the CCUP edit it was before "logit" became the default
     assert forget_config(model, ["dog"], retain_classes=CLASSES[1:], ccup_mu=30.0, **domain).method == "ccup"
-    assert forget_config(model, ["dog"], retain_classes=CLASSES[1:], logit_margin=0.1).method == "logit"
-    assert forget_config(model, ["dog"], retain_classes=CLASSES[1:]).method == "nullspace"
+    assert forget_config(model, ["dog"], retain_classes=CLASSES[1:]).method == "nullspace"  # global
+    with pytest.raises(ValueError, match="`logit_margin` is a strength of logit edits"):
+        forget_config(model, ["dog"], retain_classes=CLASSES[1:], logit_margin=0.1)  # global: nullspace ignores it

@@ -275,12 +275,14 @@ def test_peft_entry_points_take_the_tokenizer_the_config_names_or_say_how_to_giv
         ({"method": "ccup", "alpha": 0.5}, "`alpha` is a strength of nullspace edits"),
         ({"method": "nullspace", "ccup_mu": 5.0}, "`ccup_mu` is a strength of ccup edits"),
         ({"ccup_lambda": 10.0}, "`ccup_lambda` is a strength of ccup edits"),  # a global edit: nullspace
-        ({"domains": ["sketch"], "retain_domains": ["photo"], "alpha": 0.3}, "method='ccup'"),  # domain: ccup
+        # a domain edit naming the other classes: logit (its default since issue 22), which ignores α
+        ({"domains": ["sketch"], "retain_domains": ["photo"], "alpha": 0.3}, "method='logit'"),
+        ({"domains": ["sketch"], "retain_domains": ["photo"], "method": "logit", "ccup_mu": 3.0}, "method='logit'"),
     ],
 )
 def test_a_strength_the_method_ignores_is_refused_not_recorded(tokenizer, options, named):
-    """A CCUP edit ignores α and a nullspace edit λ and μ: accepted, the config would record a strength that changed
-    nothing."""
+    """A CCUP edit ignores α, a nullspace edit λ and μ, a logit edit both: accepted, the config would record a
+    strength that changed nothing."""
     model = tiny_clip()
     snapshot = state_snapshot(model)
     with pytest.raises(ValueError, match=named):

@@ -80,9 +80,8 @@ def add_forget_adapter(
             and ``ccup_mu`` μ, each at most 1e8) or ``"logit"`` (image side, needs ``retain_classes``: lowers only the
             forgotten classes' logits — no other class's score moves — along what separates their forget prompts
             from the kept cells; strengths ``logit_mu`` and ``logit_margin``; :mod:`hf_clip_forget.core.logit_edit`,
-            measured in ``docs/domains.md``). Default: the method whose strengths are given (``ccup_mu=30`` means
-            CCUP), else ``"logit"`` for ``paradigm="domain"`` with ``retain_classes`` and no prototypes (measured best
-            there), ``"ccup"`` for the other domain edits (a nullspace cannot keep the class in the
+            measured in ``docs/domains.md``). Default: ``"logit"`` for ``paradigm="domain"`` with ``retain_classes``,
+            no prototypes and no ``ccup_mu`` / ``ccup_lambda`` (measured best there), ``"ccup"`` for the other domain edits (a nullspace cannot keep the class in the
             other domains), ``"nullspace"`` otherwise.
         templates: prompt templates: a list of format strings with one ``{}``, one string, or the name of a
             built-in set (``"single"``, ``"imagenet_selected"`` (7), ``"cifar"`` (18), ``"imagenet"`` (80)). Default:
@@ -184,21 +183,16 @@ def add_forget_adapter(
     return peft_model
 
 
-def default_method(paradigm: str, retain_classes, prototypes: bool = False) -> str:
+def default_method(paradigm: str, retain_classes, prototypes: bool = False, settings: dict | None = None) -> str:
     """The method an edit uses when none is given: ``"logit"`` for ``paradigm="domain"`` with the other candidates
-    named and no prototypes (on PACS it reaches the seed paper's goal on two of four tasks, CCUP on one:
-    ``docs/domains.md``), ``"ccup"`` for the other domain edits (a nullspace cannot keep the class in the other
-    domains), ``"nullspace"`` for global ones."""
-    if paradigm == "domain" and retain_classes and not prototypes:
+    named, no prototypes and no CCUP strength given (on PACS it reaches the seed paper's goal on two of four tasks,
+    CCUP on one: ``docs/domains.md``); ``"ccup"`` for the other domain edits (a nullspace cannot keep the class in the
+    other domains; a domain edit given ``ccup_mu`` or ``ccup_lambda`` stays the CCUP edit it was before ``"logit"``
+    became the default); ``"nullspace"`` for global ones."""
+    ccup_given = any((settings or {}).get(name) is not None for name in STRENGTH_SETTINGS["ccup"])
+    if paradigm == "domain" and retain_classes and not prototypes and not ccup_given:
         return "logit"
     return "ccup" if paradigm != "global" else "nullspace"
-
-
-def _method_of_given_strengths(settings: dict) -> str | None:
-    """The method whose strengths were given (``ccup_mu=30`` means CCUP), when no method is named; ``None`` when none
-    or several methods' strengths are given (then the default method refuses the ones it ignores)."""
-    given = {m for m, fields in STRENGTH_SETTINGS.items() for name in fields if settings.get(name) is not None}
-    return given.pop() if len(given) == 1 else None
 
 
 #: The strength settings of each edit method (what the other method ignores) and their defaults.
@@ -281,11 +275,7 @@ def forget_config(
     for names in (domains, retain_domains):  # class names are checked where they are tokenized
         warn_about_unknown_domains(names, settings.get("domain_templates"))
     paradigm = paradigm or ("domain" if domains else "global")
-    method = (
-        method
-        or _method_of_given_strengths(settings)
-        or default_method(paradigm, retain_classes, bool(prototypes or retain_prototypes))
-    )
+    method = method or default_method(paradigm, retain_classes, bool(prototypes or retain_prototypes), settings)
     settings = _strength(method, paradigm, settings)
     has_retain = retain_classes is not None or retain_text_embeds is not None or paradigm == "domain"
     if method == "logit" and keep_shared_direction:
