@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -9,10 +11,12 @@ from .fake_hub import FakeHub
 # A loopback Hub for the whole session. huggingface_hub reads HF_ENDPOINT when it is imported, so the server starts
 # and the environment is set before anything below imports it.
 FAKE_HUB = FakeHub(token="hf_test_token").__enter__()
+SESSION_HF_HOME = tempfile.mkdtemp(prefix="hf_home_")
+atexit.register(shutil.rmtree, SESSION_HF_HOME, ignore_errors=True)  # a session's Hub cache never outlives it
 os.environ.update(
     HF_ENDPOINT=FAKE_HUB.endpoint,
     HF_TOKEN=FAKE_HUB.token,
-    HF_HOME=tempfile.mkdtemp(prefix="hf_home_"),
+    HF_HOME=SESSION_HF_HOME,
     HF_HUB_DISABLE_TELEMETRY="1",
 )
 os.environ.pop("HF_HUB_OFFLINE", None)
