@@ -383,15 +383,16 @@ def test_casting_the_model_keeps_the_factors_in_float32(tokenizer, pixels):
     assert max_abs_cos(image_features(model, pixels.to(torch.bfloat16)), directions) <= 2e-2
 
 
-def test_the_default_templates_are_one_for_a_global_image_side_edit_naming_its_retain_classes_else_80(
+def test_the_default_templates_are_7_for_a_global_image_side_edit_naming_its_retain_classes_else_80(
     make_model, tokenizer
 ):
     from hf_clip_forget.core import IMAGENET_TEMPLATES
+    from hf_clip_forget.core.templates import IMAGENET_SELECTED_TEMPLATES
 
     with_retain = forget(make_model(), tokenizer, retain_classes=["bird"]).peft_config["default"]
     plain = forget(make_model(), tokenizer).peft_config["default"]
     text_side = forget(make_model(), tokenizer, target="text", retain_classes=["bird"]).peft_config["default"]
     chosen = forget(make_model(), tokenizer, templates="imagenet_selected").peft_config["default"]
-    assert with_retain.templates == ["a photo of a {}."]  # measured: docs/templates.md
+    assert with_retain.templates == list(IMAGENET_SELECTED_TEMPLATES)  # measured: docs/templates.md
     assert plain.templates == list(IMAGENET_TEMPLATES) == text_side.templates
     assert len(chosen.templates) == 7 and set(chosen.templates) <= set(IMAGENET_TEMPLATES)

@@ -9,6 +9,7 @@ import pytest
 from hf_clip_forget.calibration.report import BeforeAfter, CalibrationReport, ValidationSet
 from hf_clip_forget.cli import build_parser
 from hf_clip_forget.core.calibration import CalibrationBudget, Candidate
+from hf_clip_forget.families import family_of_class
 
 
 def subparsers(parser, path=()):
@@ -57,7 +58,8 @@ def test_forget_help_states_the_template_default_rule():
     (forget,) = [p for path, p in subparsers(build_parser()) if path == ("forget",)]
     (templates,) = [a for a in forget._actions if "--templates" in a.option_strings]
     text = " ".join(templates.help.split())
-    assert "'single' (one template) for a global image-side edit that names --retain-classes" in text
+    default = family_of_class("CLIPModel").image_side_templates
+    assert f"'{default}' (CLIP's 7 templates) for a global image-side edit that names --retain-classes" in text
     assert "otherwise" in text and "'imagenet' (80 templates)" in text
     assert "default: 'single' for an image-side edit" not in text
 
@@ -88,5 +90,6 @@ def test_the_readme_states_the_template_default_rule_where_the_option_is_describ
 
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     (row,) = [line for line in readme.splitlines() if line.startswith("| `templates` |")]
-    assert '`"single"` for a global image-side edit that names `retain_classes`; otherwise' in row
-    assert '`"single"` for image-side edits' not in row
+    default = family_of_class("CLIPModel").image_side_templates
+    assert f'Default: `"{default}"` for a global image-side edit that names `retain_classes`' in row
+    assert "pending" not in row and '`"single"` for image-side edits' not in row

@@ -85,8 +85,8 @@ def add_forget_adapter(
             other domains), ``"nullspace"`` otherwise.
         templates: prompt templates: a list of format strings with one ``{}``, one string, or the name of a
             built-in set (``"single"``, ``"imagenet_selected"`` (7), ``"cifar"`` (18), ``"imagenet"`` (80)). Default:
-            the family's — one template for a global image-side edit that names its retain classes, the
-            80-template ensemble otherwise (measured: ``docs/templates.md``).
+            the family's — CLIP's 7 selected templates for a global image-side edit that names its retain classes,
+            the 80-template ensemble otherwise (measured: ``docs/templates.md``).
         average_templates: average each class's template embeddings into one direction (default) or keep one
             direction per (class, template).
         target: ``"visual"`` (edit ``visual_projection``, default), ``"text"`` (edit ``text_projection``: forgotten

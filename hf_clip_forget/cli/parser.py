@@ -20,9 +20,9 @@ from .evaluate import command_eval, command_sweep
 
 #: What ``forget --templates`` uses when not given (``families.py``: ``templates_for(target, retain_named)``).
 TEMPLATES_DEFAULT = (
-    "default: 'single' (one template) for a global image-side edit that names --retain-classes; otherwise (no "
-    "--retain-classes, --domains with paradigm domain/complete, or --target text) 'imagenet' (80 templates); CLAP: "
-    "its sound templates"
+    "default: 'imagenet_selected' (CLIP's 7 templates) for a global image-side edit that names --retain-classes; "
+    "otherwise (no --retain-classes, --domains with paradigm domain/complete, or --target text) 'imagenet' "
+    "(80 templates); CLAP: its sound templates"
 )
 
 
