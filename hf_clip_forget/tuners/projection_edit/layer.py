@@ -164,6 +164,17 @@ class ProjectionEditLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._edit_cache.clear()
 
+    def applied_adapters(self) -> list[str]:
+        """The adapters whose union the next forward applies to the layer's unedited output, in the order the forward
+        composes them: none when adapters are disabled (or bypassed); when merged, the merged ones and then any
+        active adapter not merged yet; otherwise the active adapters present on this layer."""
+        if self._bypass_edits or self.disable_adapters:
+            return []
+        active = [name for name in self.active_adapters if name in self.projection_edit_settings]
+        if self.merged:
+            return list(self.merged_adapters) + [name for name in active if name not in self.merged_adapters]
+        return active
+
     # torch.compile: the cache look-up runs eagerly at every call (a graph break), so that no compiled guard can keep
     # a stale edit, and dynamo never traces the float64 composition
     @torch.compiler.disable
