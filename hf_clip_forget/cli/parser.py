@@ -16,6 +16,7 @@ from .calibrate import add_calibrate_parser
 from .commands import command_demo, command_forget, command_verify
 from .detect import command_detect
 from .evaluate import command_eval, command_sweep
+from .index import add_index_parser
 
 
 #: What ``forget --templates`` uses when not given (``families.py``: ``templates_for(target, retain_named)``).
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect_parser(commands)
     _add_eval_and_sweep_parsers(commands)
     add_cache_parser(commands)
+    add_index_parser(commands)
     return parser
 
 

@@ -101,7 +101,9 @@ class EmbeddingEdit:
         A row the edit maps to zero (it lay in the forgotten span) stays zero rather than being renormalised.
         """
         as_numpy = isinstance(embeddings, np.ndarray)
-        rows = torch.from_numpy(embeddings) if as_numpy else embeddings
+        with warnings.catch_warnings():  # a read-only array (a memory map, bytes read) is only read here
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.from_numpy(embeddings) if as_numpy else embeddings
         self._check_rows(rows)
         if normalized is None:
             normalized = unit_rows(rows)
