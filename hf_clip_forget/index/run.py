@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
@@ -74,6 +75,7 @@ def edit_index(
     normalized: bool | None = None,
     workers: int = 2,
     mapper: ShardMapper | None = None,
+    finish: Callable[[str], dict] | None = None,
     show_progress: bool = True,
 ) -> IndexEditResult:
     """Write the index at ``source`` with ``edit`` applied to its vectors to the new path ``output``.
@@ -90,6 +92,9 @@ def edit_index(
             must agree).
         workers: shards in flight at once in this process (their reading, editing and writing overlap).
         mapper: run the shards elsewhere (a cluster engine); results must come back in shard order.
+        finish: called with the staging folder once every shard is edited and the carried files are copied; what it
+            writes there is published with the index (beside the output file, for a one-file index), and the entries
+            of the dict it returns are added to the provenance (``faiss_index.faiss_rebuilder``: a FAISS index).
     """
     started = time.perf_counter()
     layout = discover_layout(os.fspath(source), edit.side, column)
@@ -109,12 +114,14 @@ def edit_index(
     bar = tqdm(
         total=len(layout.shards), initial=len(done), unit="shard", desc="Editing index", disable=not show_progress
     )
-    with bar, _discarded_on_bad_input(staging):
+    with bar, _discarded_on_bad_input(staging), _one_thread_each(workers if mapper is None else 1):
         for result in (mapper or _threads(workers))(run, pending):
             done[result.path] = result
             bar.update(1)
         provenance = _provenance(edit, layout, [done[shard.path] for shard in layout.shards], job)
     _copy_carried(layout, staging, edit)
+    if finish is not None:
+        provenance.update(finish(staging))
     _publish(staging, target, provenance, layout)
     return IndexEditResult(target, provenance, time.perf_counter() - started)
 
@@ -255,6 +262,19 @@ def _discarded_on_bad_input(staging: str):
         raise
 
 
+@contextlib.contextmanager
+def _one_thread_each(workers: int):
+    """With several shards in flight, each is edited on one torch thread (``workers`` threads in all, not
+    ``workers`` × torch's pool fighting over the cores); torch's setting is restored afterwards."""
+    before = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _threads(workers: int) -> ShardMapper:
     def mapper(run, shards):
         if workers <= 1:
@@ -288,7 +308,7 @@ def _provenance(edit: EmbeddingEdit, layout: IndexLayout, results: list[ShardRes
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "edit": edit.to_dict(),
         "input": {**job["input"], "sha256": {r.path: r.input_sha256 for r in results}},
-        "output": {"sha256": {r.path: r.output_sha256 for r in results}, "carried": list(layout.carried)},
+        "output": {"shards": [r.path for r in results], "carried": list(layout.carried)},
         "vectors": sum(r.rows for r in results),
         "dim": dims.pop() if len(dims) == 1 else sorted(dims),
         "normalized": flags.pop() if flags else False,
@@ -321,6 +341,8 @@ def _publish(staging: str, target: str, provenance: dict, layout: IndexLayout) -
     if layout.single_file:  # one file in, one file out (its record beside it)
         shard = os.path.join(staging, layout.shards[0].path)
         fsync_path(shard)
+        for name in sorted(set(os.listdir(staging)) - {layout.shards[0].path}):  # what `finish` wrote: beside it
+            os.replace(os.path.join(staging, name), os.path.join(os.path.dirname(target), name))
         with open(provenance_path(target, True), "w") as handle:
             json.dump(provenance, handle, indent=2)
         os.replace(shard, target)

@@ -24,9 +24,6 @@ import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-
-from .edit import unit_rows
 
 
 #: The file an edited index records what was done in (beside its vectors).
@@ -65,14 +62,13 @@ class IndexLayout:
 @dataclass(frozen=True)
 class ShardResult:
     """What editing one shard did: rows, dimension, whether its rows were unit length, and the sha256 of the bytes
-    read and of the bytes written."""
+    read (the input file's digest, computed as it is read: no second pass)."""
 
     path: str
     rows: int
     dim: int
     normalized: bool
     input_sha256: str
-    output_sha256: str
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,24 +198,25 @@ def edit_shard(edit, source_root: str, target_root: str, shard: Shard, normalize
         data = handle.read()
     input_sha256 = hashlib.sha256(data).hexdigest()
     reader = {"npy": _edit_npy, "parquet": _edit_parquet, "arrow": _edit_arrow}[shard.format]
-    output, rows, dim, unit = reader(edit, data, shard, normalized)
+    parts, rows, dim, unit = reader(edit, data, shard, normalized)
+    del data  # one shard in memory at a time: the input bytes go before the output is written
     target = os.path.join(target_root, shard.path)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = target + ".partial"
     with open(temporary, "wb") as handle:
-        handle.write(output)
+        for part in parts:
+            handle.write(part)
         handle.flush()
         os.fsync(handle.fileno())  # on disk before the run records the shard as done
     os.replace(temporary, target)
-    return ShardResult(shard.path, rows, dim, unit, input_sha256, hashlib.sha256(output).hexdigest())
+    return ShardResult(shard.path, rows, dim, unit, input_sha256)
 
 
 def _vectors_of(edit, vectors: np.ndarray, where: str, normalized: bool | None):
     if vectors.ndim != 2:
         raise IndexLayoutError(f"{where}: expected (n, d) vectors, got shape {vectors.shape}.")
     try:
-        unit = unit_rows(torch.from_numpy(vectors)) if normalized is None else normalized
-        return edit.apply(vectors, normalized=unit), unit
+        return edit.apply_reporting(vectors, normalized)
     except ValueError as error:
         raise IndexLayoutError(f"{where}: {error}") from error
 
@@ -235,9 +232,11 @@ def _edit_npy(edit, data: bytes, shard: Shard, normalized):
     else:
         vectors = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=stream.tell()).reshape(shape)
     edited, unit = _vectors_of(edit, np.ascontiguousarray(vectors), shard.path, normalized)
-    out = io.BytesIO()
-    np.lib.format.write_array(out, np.ascontiguousarray(edited), version=version, allow_pickle=False)
-    return out.getvalue(), int(shape[0]), int(shape[1]) if len(shape) == 2 else 0, unit
+    edited = np.ascontiguousarray(edited)
+    header = io.BytesIO()  # the header, then the array's own buffer: no copy of the vectors
+    write_header = np.lib.format.write_array_header_2_0 if version == (2, 0) else np.lib.format.write_array_header_1_0
+    write_header(header, np.lib.format.header_data_from_array_1_0(edited))
+    return [header.getvalue(), memoryview(edited).cast("B")], int(shape[0]), int(shape[1]), unit
 
 
 def _table_vectors(table, shard: Shard):
@@ -284,7 +283,7 @@ def _edit_parquet(edit, data: bytes, shard: Shard, normalized):
         options["row_group_size"] = max(first.num_rows, 1)
         options["compression"] = first.column(0).compression.lower()
     pq.write_table(_replace_vectors(table, shard, column, edited), out, **options)
-    return out.getvalue(), len(vectors), vectors.shape[1], unit
+    return [out.getbuffer()], len(vectors), vectors.shape[1], unit
 
 
 def _edit_arrow(edit, data: bytes, shard: Shard, normalized):
@@ -298,7 +297,7 @@ def _edit_arrow(edit, data: bytes, shard: Shard, normalized):
     out = io.BytesIO()
     with writer_for(out, table.schema) as writer:
         writer.write_table(_replace_vectors(table, shard, column, edited))
-    return out.getvalue(), len(vectors), vectors.shape[1], unit
+    return [out.getbuffer()], len(vectors), vectors.shape[1], unit
 
 
 def _arrow_reader(source):
