@@ -18,6 +18,8 @@ The package is layered; each layer imports only from the ones above it in this l
    zero-shot harness and detection counts (imported on demand: it loads ``evaluate``); ``audit/`` — probes that try
    to get a forgotten class back (``audit_forgetting``, also ``ForgetPeftModel.audit_forgetting``); ``calibration/``
    — the edit's strength chosen on a labelled validation set for a budget (``calibrate_forget_adapter``);
+   ``index/`` — the edit applied to stored embedding indexes without re-encoding (``edit_embeddings``,
+   ``edit_index``; a cluster engine, FAISS and LanceDB as extras);
 5. ``cli/``      — the ``hf-clip-forget`` command.
 
 ``models/`` sits beside ``core/``: transformers-native towers and the embedded demo dual encoder.

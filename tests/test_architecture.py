@@ -1,4 +1,4 @@
-"""The package is layered: core → tuners (peft glue) → api → (hub, evaluation) → cli. Imports go downwards only."""
+"""The package is layered: core → tuners (peft glue) → api → (hub, evaluation, audit, calibration, index) → cli. Imports go downwards only."""
 
 import ast
 import pathlib
@@ -17,6 +17,7 @@ LAYERS = {
     "evaluation": 4,
     "audit": 4,
     "calibration": 4,
+    "index": 4,
     "cli": 5,
     "testing_utils": 1,
     "files": 1,
