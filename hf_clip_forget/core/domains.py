@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .text_embeddings import duplicate_names
+
 
 PARADIGMS = ("global", "domain", "complete")
 
@@ -54,7 +56,7 @@ def _names(values: Sequence[str] | None, argument: str) -> list[str]:
     for name in names:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"`{argument}` must contain non-blank strings, got {name!r}.")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = duplicate_names(names)
     if duplicates:
         raise ValueError(f"`{argument}` contains duplicates {duplicates}; list each once.")
     return names
