@@ -117,13 +117,17 @@ def throughput(args, root: str) -> dict:
 
 
 def peak_memory(args, source: str, root: str) -> dict:
-    """RSS of a fresh child process once the library is imported, and its peak after one edit run (bytes)."""
+    """Resident memory of a fresh child process once the library is imported, and the highest it reaches during one
+    edit run (sampled every 5 ms from /proc/self/status), in bytes."""
     code = (
-        "import sys, resource; sys.path.insert(0, sys.argv[1]); import benchmark_index as b; import hf_clip_forget.index; "
-        "e = b.synthetic_edit(int(sys.argv[2]), int(sys.argv[3])); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); "
-        "b.timed_edit(e, sys.argv[4], sys.argv[5], int(sys.argv[6])); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "import sys, threading, time; sys.path.insert(0, sys.argv[1]); import benchmark_index as b; "
+        "import hf_clip_forget.index; e = b.synthetic_edit(int(sys.argv[2]), int(sys.argv[3])); "
+        "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024; "
+        "base = rss(); peak = [base]; done = threading.Event()\n"
+        "def watch():\n"
+        "    while not done.is_set(): peak[0] = max(peak[0], rss()); time.sleep(0.005)\n"
+        "t = threading.Thread(target=watch); t.start(); b.timed_edit(e, sys.argv[4], sys.argv[5], int(sys.argv[6])); "
+        "done.set(); t.join(); print(base); print(peak[0])"
     )
     target = os.path.join(root, "memory")
     output = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(args.dim), str(args.rank),

@@ -189,3 +189,32 @@ def test_the_command_line_edits_an_index_with_a_saved_adapter(model, tmp_path):
     record = json.loads((tmp_path / "edited" / "hf_clip_forget_index.json").read_text())
     assert record["edit"]["forgotten"] == {"default": ["truck"]} and record["vectors"] == 100
     assert main([*args, "--output", str(tmp_path / "edited")]) == 2  # exists: one clear error line
+
+
+def test_the_command_line_audits_a_labelled_index_and_records_the_audit(tmp_path, capsys):
+    from hf_clip_forget.cli import main
+
+    from .test_cli import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_clip().add_forget_adapter(["truck"], tokenizer=tiny_tokenizer(), show_progress=False).save_pretrained(
+            tmp_path / "adapter"
+        )
+    source = clip_retrieval_index(tmp_path / "index", shards=2, rows=30)
+    names = ["truck", "ship", "tree"]
+    for i in range(2):  # clip-retrieval's metadata rows belong to the vectors of the same shard number
+        pq.write_table(
+            pa.table({"label": [names[j % 3] for j in range(30)]}), f"{source}/metadata/metadata_{i}.parquet"
+        )
+    args = ["edit-index", model_dir, "--adapter", str(tmp_path / "adapter"), "--input", source]
+    assert main([*args, "--output", str(tmp_path / "edited"), "--audit-labels", "label", "--audit-sample", "30"]) == 0
+    printed = capsys.readouterr().out
+    assert "Index audit of truck (30 stored image vectors)" in printed and "text→image R-precision" in printed
+    assert "note (default): Measured" in printed  # a plain nullspace edit: measured not to make an index forget
+    record = json.loads((tmp_path / "edited" / "hf_clip_forget_index.json").read_text())
+    assert record["audit"]["stored"] == 30 and record["audit"]["sampled_from"] == 60
+    assert record["audit"]["forgotten_classes"] == ["truck"] and record["audit"]["label_column"] == "label"
+    assert main([*args, "--output", str(tmp_path / "x"), "--audit-labels", "missing"]) == 2  # a clear error
+    assert not (tmp_path / "x").exists()

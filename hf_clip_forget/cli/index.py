@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+from .index_audit import add_index_audit_arguments, index_audit, print_index_advice, with_record
 from .loading import CommandError, load_adapter, load_dual_encoder, one_line
 
 
@@ -46,6 +47,7 @@ def add_index_parser(commands) -> None:
                       "or `ray://<head-ip>:10001` (default: start a local Ray instance on this machine)")  # fmt: skip
     _add_faiss_arguments(edit)
     _add_lancedb_arguments(edit)
+    add_index_audit_arguments(edit)
     edit.set_defaults(handler=command_edit_index)
 
 
@@ -83,7 +85,7 @@ def command_edit_index(args) -> int:
         raise CommandError(f"--workers must be at least 1, got {args.workers}.")
     target = _target(args)  # before the model loads: a wrong combination is said at once
     mapper = _engine_mapper(args)  # before the model loads: a missing engine is said at once
-    model, _, _ = load_dual_encoder(args.model, image_processor=False)
+    model, tokenizer, _ = load_dual_encoder(args.model, image_processor=False)
     edited = load_adapter(model, args.adapter)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UneditedSideWarning)
@@ -93,10 +95,14 @@ def command_edit_index(args) -> int:
             raise CommandError(one_line(error)) from error
     for warning in caught:
         print(f"warning: {warning.message}")
+    print_index_advice(edited)
     if target != "index":
+        if args.audit_labels:
+            raise CommandError("--audit-labels reads the labels of an index written anew (--input/--output).")
         return (_edit_table if target == "lancedb" else _edit_faiss_alone)(args, edit)
+    audit = index_audit(args, edited, tokenizer)  # on the input, before anything is written
     try:
-        finish = _faiss_finish(args, edit)
+        finish = with_record(_faiss_finish(args, edit), audit)
         result = edit_index(edit, args.input, args.output, column=args.column, normalized=args.normalized,
                             workers=args.workers or 2, mapper=mapper, finish=finish)  # fmt: skip
     except (ValueError, FileExistsError, FileNotFoundError, ConnectionError, ShardFailedError, ImportError) as error:
