@@ -225,11 +225,12 @@ def main() -> None:
 
         from hf_clip_forget.core import resolve_templates
 
+        templates = f"{TEMPLATES} ({len(resolve_templates(TEMPLATES))})"
         report = {
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
-            "edit": {"forget": FORGET, "retain": RETAIN, "templates": f"{TEMPLATES} ({len(resolve_templates(TEMPLATES))})"},
+            "edit": {"forget": FORGET, "retain": RETAIN, "templates": templates},
             "timings": stats,
             "ratio_to_solve_alone": ratios,
             **checks,
