@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -57,6 +56,10 @@ from hf_clip_forget.index import UneditedSideWarning, edit_embeddings
 from hf_clip_forget.index.retrieval import audit_index, text_query_precision
 
 
+sys.path.insert(0, os.path.dirname(__file__))
+from measure_templates import stratified_sample  # noqa: E402  (the same sample, so cached features are shared)
+
+
 DATASETS = ("pacs", "cifar10")
 VARIANTS = {
     "nullspace": dict(method="nullspace", retain=False),
@@ -77,24 +80,6 @@ QUERY_ONLY_PROBE = TEXT_PROBE + ", query edited only"
 IMAGE_PROBE = "image→image precision@R"
 #: The rows of a class's own name: the adapter's prompts and the held-out prompts (the rule's rows).
 NAME_ROWS = ("adapter", "held-out")
-
-
-def stratified_sample(dataset, size: int, seed: int):
-    """``size`` rows spread evenly over the labels (and domains), fixed seed (as ``scripts/measure_templates.py``,
-    so that the cached features are shared)."""
-    labels = dataset["label"]
-    domains = dataset["domain"] if "domain" in dataset.column_names else [0] * len(labels)
-    cells: dict[tuple, list[int]] = {}
-    for index, cell in enumerate(zip(domains, labels, strict=True)):
-        cells.setdefault(cell, []).append(index)
-    rng = random.Random(seed)
-    for members in cells.values():
-        rng.shuffle(members)
-    chosen, depth = [], 0
-    while len(chosen) < size and any(depth < len(m) for m in cells.values()):
-        chosen += [members[depth] for members in cells.values() if depth < len(members)]
-        depth += 1
-    return dataset.select(sorted(chosen[:size]))
 
 
 def split_features(model, processor, data_dir: str, name: str, split: str, sample: int):
