@@ -12,7 +12,10 @@ in turn (forget sets of one class); the index is the split's image embeddings ma
 - ``ccup+retain``: CCUP keeping the other class names, ``keep_shared_direction=False``;
 - ``logit``: ``method="logit"`` (μ = 10, margin 0.2; made for domain edits: it lowers only the forgotten class's
   logit); ``logit margin=…``: other margins;
-- ``text-side``: the nullspace on the text side (the index is untouched; queries lose the class).
+- ``text-side``: the nullspace on the text side (the index is untouched; queries lose the class);
+- ``logit margin=0.3 + visual``: the chosen settings plus the index-only visual erasure of ``edit-index
+  --erase-visual`` (``hf_clip_forget.index.visual``: estimated from the stored vectors, no labels); not a candidate
+  of the rule below, which chooses adapter settings.
 
 Per edit, :func:`hf_clip_forget.index.retrieval.audit_index` gives text→image R-precision (the adapter's prompts,
 held-out prompts, 5 vocabulary neighbours found once per dataset), image→image precision@R, and the query-only edit;
@@ -52,8 +55,9 @@ from hf_clip_forget.evaluation import (
     score_predictions,
     zero_shot_logits,
 )
-from hf_clip_forget.index import UneditedSideWarning, edit_embeddings
+from hf_clip_forget.index import UneditedSideWarning, embedding_edit
 from hf_clip_forget.index.retrieval import audit_index, text_query_precision
+from hf_clip_forget.index.visual import DEFAULT_VISUAL_RANK, visual_erasure, with_visual_erasure
 
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -74,7 +78,11 @@ VARIANTS = {
     "logit margin=0.1": dict(method="logit", logit_margin=0.1),
     "logit margin=0.3": dict(method="logit", logit_margin=0.3),
     "text-side": dict(method="nullspace", target="text"),
+    "logit margin=0.3 + visual": dict(method="logit", logit_margin=0.3, visual=DEFAULT_VISUAL_RANK),
 }
+#: Variants that add the index-only visual erasure (``edit-index --erase-visual``) to the adapter's edit: reported,
+#: but not candidates for the adapter settings the rule chooses (they are not adapter settings).
+INDEX_ONLY = tuple(name for name, options in VARIANTS.items() if "visual" in options)
 TEXT_PROBE = "text→image R-precision"
 QUERY_ONLY_PROBE = TEXT_PROBE + ", query edited only"
 IMAGE_PROBE = "image→image precision@R"
@@ -117,13 +125,19 @@ def measure(model, tokenizer, features, stored, neighbours, forget: str, variant
     options = dict(VARIANTS[variant])
     names = list(features.class_names)
     retain = [n for n in names if n != forget] if options.pop("retain", True) else None
+    visual = options.pop("visual", None)
     relevant = features.labels == names.index(forget)
     edited = add_forget_adapter(model, [forget], tokenizer, retain_classes=retain, adapter_name="measured",
                                 show_progress=False, **options)  # fmt: skip
     try:
+        edit = embedding_edit(edited, "image")
+        if visual is not None:  # estimated from the stored vectors alone (no labels), as edit-index --erase-visual
+            text = class_embeddings(model, tokenizer, [forget, *retain], show_progress=False)
+            erasure = visual_erasure(stored, text[:1], text[1:], [forget], retain, edit=edit, rank=visual)
+            edit = with_visual_erasure(edit, erasure)
         report = audit_index(edited, tokenizer, stored, features.labels, names, neighbours={forget: neighbours[forget]},
-                             vocabulary_neighbours=0, query_only=True, max_image_queries=300)  # fmt: skip
-        index = edit_embeddings(edited, stored, side="image")
+                             vocabulary_neighbours=0, query_only=True, max_image_queries=300, edit=edit)  # fmt: skip
+        index = edit.apply(stored)
         after = zero_shot(index, class_embeddings(edited, tokenizer, names, show_progress=False), features, [forget])
         photo_after = issue_query(edited, tokenizer, index, relevant, forget)
     finally:
@@ -194,7 +208,7 @@ def choose(summary: list[dict]) -> dict:
     +0.05 of chance on every dataset; among those, the lowest mean retain-accuracy loss, losses within
     :data:`RETAIN_TIE` of the lowest counting as ties, broken by the most headroom (the smallest worst excess over
     chance). With no variant passing, the smallest worst excess."""
-    train = [s for s in summary if s["split"] == "train"]
+    train = [s for s in summary if s["split"] == "train" and s["variant"] not in INDEX_ONLY]
     if not train:
         return {"rule": "no train split measured", "passing": [], "chosen": None}
     by_variant: dict[str, list[dict]] = {}
@@ -301,6 +315,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--from-json", default=None, help="re-summarise and re-plot a JSON this script wrote")
+    parser.add_argument("--merge", default=None,
+                        help="a JSON this script wrote: its results for the variants not measured now are kept "
+                        "(the record names both commands)")  # fmt: skip
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as handle:
@@ -327,7 +344,20 @@ def main() -> None:
                     results.append({"dataset": dataset, "split": split, "images": len(features), **result})
                 print(f"{dataset} {split} {forget}: {time.perf_counter() - started:.0f} s", flush=True)
     command = "python scripts/measure_index_forgetting.py " + " ".join(sys.argv[1:])
-    report({"command": command, "seconds": time.perf_counter() - started, "results": results}, args)
+    run = {"command": command, "seconds": time.perf_counter() - started, "results": results}
+    report(merged(run, args.merge) if args.merge else run, args)
+
+
+def merged(run: dict, path: str) -> dict:
+    """``run`` plus the results of an earlier run (``path``) for the variants ``run`` did not measure."""
+    with open(path) as handle:
+        earlier = json.load(handle)
+    measured = {r["variant"] for r in run["results"]}
+    kept = [r for r in earlier["results"] if r["variant"] not in measured]
+    commands = [*earlier.get("commands", [{"command": earlier["command"], "seconds": earlier["seconds"]}]),
+                {"command": run["command"], "seconds": run["seconds"]}]  # fmt: skip
+    return {"command": run["command"], "commands": commands, "seconds": sum(c["seconds"] for c in commands),
+            "results": kept + run["results"]}  # fmt: skip
 
 
 def report(run: dict, args) -> None:
@@ -343,6 +373,7 @@ def report(run: dict, args) -> None:
     if args.json:
         with open(args.json, "w") as handle:
             record = {"command": run["command"], "seconds": run["seconds"], "decision": decision, "summary": summary}
+            record.update({"commands": run["commands"]} if "commands" in run else {})
             json.dump({**record, "results": run["results"]}, handle, ensure_ascii=False)
 
 

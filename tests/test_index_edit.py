@@ -172,3 +172,21 @@ def test_a_zero_row_stays_zero():
     rows = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
     out = edit.apply(rows, normalized=True)
     assert torch.equal(out[0], torch.zeros(4)) and torch.equal(out[1], rows[1])
+
+
+def test_out_receives_the_same_edit_and_a_wrong_buffer_is_refused():
+    from hf_clip_forget.index import EmbeddingEdit
+
+    generator = torch.Generator().manual_seed(0)
+    left, right = torch.randn(8, 2, generator=generator), torch.randn(8, 2, generator=generator)
+    edit = EmbeddingEdit("image", 8, left, right)
+    rows = torch.nn.functional.normalize(torch.randn(1500, 8, generator=generator), dim=-1).half().numpy()
+    out = np.full_like(rows, np.nan)
+    assert edit.apply(rows, out=out) is out
+    np.testing.assert_array_equal(out, edit.apply(rows))
+    identity = EmbeddingEdit("image", 8, torch.zeros(8, 0), torch.zeros(8, 0))
+    np.testing.assert_array_equal(identity.apply(rows, out=np.empty_like(rows)), rows)
+    with pytest.raises(ValueError, match="shape"):
+        edit.apply(rows, out=np.empty((10, 8), np.float16))
+    with pytest.raises(ValueError, match="dtype"):
+        edit.apply(rows, out=np.empty(rows.shape, np.float32))

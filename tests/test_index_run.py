@@ -218,3 +218,34 @@ def test_the_command_line_audits_a_labelled_index_and_records_the_audit(tmp_path
     assert record["audit"]["forgotten_classes"] == ["truck"] and record["audit"]["label_column"] == "label"
     assert main([*args, "--output", str(tmp_path / "x"), "--audit-labels", "missing"]) == 2  # a clear error
     assert not (tmp_path / "x").exists()
+
+
+def test_shards_of_every_size_edited_through_one_reused_buffer_are_each_their_own_edit(model, tmp_path):
+    """One worker edits every shard through the same reused memory: larger, smaller, larger again and empty shards
+    each come out as the edit of their own rows (nothing left over from the shard before)."""
+    source = tmp_path / "vectors"
+    source.mkdir()
+    sizes = [40, 7, 0, 90, 3]
+    for index, rows in enumerate(sizes):
+        np.save(source / f"part_{index}.npy", vectors(rows, 300 + index, np.float32))
+    edit_index(embedding_edit(model), source, tmp_path / "out", workers=1, show_progress=False)
+    for index, rows in enumerate(sizes):
+        stored = np.load(source / f"part_{index}.npy")
+        edited = np.load(tmp_path / "out" / f"part_{index}.npy")
+        assert edited.shape == (rows, DIM)
+        np.testing.assert_array_equal(edited, edit_embeddings(model, stored, normalized=True))
+
+
+def test_shard_buffers_pickle_empty_and_are_reused_per_thread():
+    import pickle
+
+    from hf_clip_forget.index.shards import ShardBuffers
+
+    buffers = ShardBuffers()
+    first = buffers.output((4, 3), np.float32)
+    first[:] = 1
+    again = buffers.output((2, 3), np.float16)
+    assert np.shares_memory(first, again)  # reused, not reallocated
+    assert not np.shares_memory(first, buffers.output((100, 3), np.float32))  # grown when too small
+    copy = pickle.loads(pickle.dumps(buffers))
+    assert copy.output((1, 1), np.float32).size == 1 and not np.shares_memory(copy.output((1,), np.uint8), first)

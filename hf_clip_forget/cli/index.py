@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 from .index_audit import add_index_audit_arguments, index_audit, print_index_advice, with_record
+from .index_visual import add_visual_arguments, with_visual
 from .loading import CommandError, load_adapter, load_dual_encoder, one_line
 
 
@@ -47,6 +48,7 @@ def add_index_parser(commands) -> None:
                       "or `ray://<head-ip>:10001` (default: start a local Ray instance on this machine)")  # fmt: skip
     _add_faiss_arguments(edit)
     _add_lancedb_arguments(edit)
+    add_visual_arguments(edit)
     add_index_audit_arguments(edit)
     edit.set_defaults(handler=command_edit_index)
 
@@ -96,11 +98,12 @@ def command_edit_index(args) -> int:
     for warning in caught:
         print(f"warning: {warning.message}")
     print_index_advice(edited)
+    edit = with_visual(args, edit, edited, tokenizer, target)
     if target != "index":
         if args.audit_labels:
             raise CommandError("--audit-labels reads the labels of an index written anew (--input/--output).")
         return (_edit_table if target == "lancedb" else _edit_faiss_alone)(args, edit)
-    audit = index_audit(args, edited, tokenizer)  # on the input, before anything is written
+    audit = index_audit(args, edited, tokenizer, edit)  # on the input, before anything is written
     try:
         finish = with_record(_faiss_finish(args, edit), audit)
         result = edit_index(edit, args.input, args.output, column=args.column, normalized=args.normalized,
@@ -113,6 +116,9 @@ def command_edit_index(args) -> int:
         f"{'normalised' if record['normalized'] else 'raw'}, forgetting {edit.to_dict()['forgotten']}) in "
         f"{result.seconds:.1f} s → {result.output}; the input is untouched (revert: use it again)."
     )
+    if edit.visual_erasure is not None:
+        print("with the visual erasure, the output is this index's own edit, not what re-encoding with the edited "
+              "model gives (recorded in its provenance).")  # fmt: skip
     if "faiss" in record:
         _print_faiss(record["faiss"])
     return 0

@@ -28,9 +28,9 @@ def print_index_advice(model) -> None:
             print(f"note ({name}): {advice}")
 
 
-def index_audit(args, model, tokenizer) -> dict | None:
-    """Run the retrieval audit on a labelled sample of ``--input`` (before anything is written) and print it; the
-    record for the provenance, or ``None`` without ``--audit-labels``."""
+def index_audit(args, model, tokenizer, edit=None) -> dict | None:
+    """Run the retrieval audit of ``edit`` (default: the model's) on a labelled sample of ``--input`` (before anything
+    is written) and print it; the record for the provenance, or ``None`` without ``--audit-labels``."""
     if not args.audit_labels:
         return None
     from ..index.labels import labelled_sample
@@ -42,7 +42,8 @@ def index_audit(args, model, tokenizer) -> dict | None:
     try:
         sample = labelled_sample(discover_layout(args.input, args.side, args.column), args.audit_labels,
                                  args.audit_sample)  # fmt: skip
-        report = audit_index(model, tokenizer, sample.vectors, sample.labels, sample.class_names, side=args.side)
+        report = audit_index(model, tokenizer, sample.vectors, sample.labels, sample.class_names, side=args.side,
+                             edit=edit)  # fmt: skip
     except ValueError as error:
         raise CommandError(one_line(error)) from error
     print(report)

@@ -57,6 +57,9 @@ class EmbeddingEdit:
         checksums: adapter → sha256 of each stored factor (``"<module>.forget"``), as its config records them.
         base_fingerprint: sha256 of the base model's fingerprints (every projection's weight and every tower),
             so that an index made by another base model is refused.
+        visual_erasure: ``None``, or the record of an index-only projection composed after the adapters'
+            edit (:func:`~hf_clip_forget.index.visual.with_visual_erasure`): then ``apply`` gives ``P M e``, not the
+            edited model's embedding ``M e``, and every record of the edit says so.
     """
 
     side: str
@@ -67,6 +70,7 @@ class EmbeddingEdit:
     forgotten: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     checksums: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     base_fingerprint: str = ""
+    visual_erasure: Mapping | None = None
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:
@@ -88,7 +92,7 @@ class EmbeddingEdit:
         """The dense ``(d, d)`` float64 ``M`` (for tests and inspection; :meth:`apply` never forms it)."""
         return torch.eye(self.dim, dtype=torch.float64) - self.left.double() @ self.right.double().T
 
-    def apply(self, embeddings, normalized: bool | None = None):
+    def apply(self, embeddings, normalized: bool | None = None, out=None):
         """``M e`` for every row ``e`` of ``embeddings`` (``(n, d)``, a ``torch.Tensor`` or a ``numpy`` array), in
         the input's type, dtype and device.
 
@@ -96,38 +100,36 @@ class EmbeddingEdit:
             embeddings: stored embeddings, raw or L2-normalised; float16, bfloat16, float32 or float64.
             normalized: whether the rows are unit length, so that the edited rows are renormalised. ``None``
                 (default): decided from the rows (:func:`unit_rows`); a mix of unit and other rows is refused.
+            out: where to write the edited rows (same type, shape and dtype as ``embeddings``; it may not overlap
+                them), so that a caller editing shard after shard reuses one buffer; default: a new one.
 
         Computed in float32 (float64 for float64 input) as ``e − (e V) Uᵀ``: ``O(n d r)``, never ``O(n d²)``, in
-        blocks of :func:`block_rows` rows that stay in the CPU cache (so the cost is close to reading and writing the
-        rows once). A row the edit maps to zero (it lay in the forgotten span) stays zero rather than being
-        renormalised.
+        blocks of :func:`block_rows` rows, each converted into one reused buffer, edited in place there and
+        converted back (so the cost is close to reading and writing the rows once). A row the edit maps to zero (it
+        lay in the forgotten span) stays zero rather than being renormalised.
         """
-        return self.apply_reporting(embeddings, normalized)[0]
+        return self.apply_reporting(embeddings, normalized, out)[0]
 
-    def apply_reporting(self, embeddings, normalized: bool | None = None) -> tuple:
+    def apply_reporting(self, embeddings, normalized: bool | None = None, out=None) -> tuple:
         """:meth:`apply`, returning ``(edited, normalized)``: also whether the rows were taken as unit length (what
         ``normalized=None`` decided), for a record of what was done."""
-        as_numpy = isinstance(embeddings, np.ndarray)
-        with warnings.catch_warnings():  # a read-only array (a memory map, bytes read) is only read here
-            warnings.simplefilter("ignore", UserWarning)
-            rows = torch.from_numpy(embeddings) if as_numpy else embeddings
+        rows, target = _as_tensor(embeddings), None if out is None else _as_tensor(out)
         self._check_rows(rows)
+        if target is not None and (target.shape != rows.shape or target.dtype != rows.dtype):
+            raise ValueError(f"`out` must have the embeddings' shape {tuple(rows.shape)} and dtype {rows.dtype}, "
+                             f"got {tuple(target.shape)} and {target.dtype}.")  # fmt: skip
         if self.is_identity or rows.shape[0] == 0:
-            return embeddings, unit_rows(rows) if normalized is None else normalized  # a mix refused, as below
-        compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        left, right = self.left.to(rows.device, compute), self.right.to(rows.device, compute)
-        edited = torch.empty_like(rows)
+            unit = unit_rows(rows) if normalized is None else normalized  # a mix refused, as below
+            if target is None:
+                return embeddings, unit
+            target.copy_(rows)
+            return out, unit
+        edited = torch.empty_like(rows) if target is None else target
         decided = _UnitDecision(normalized)
-        step = block_rows(self.dim)
-        for start in range(0, rows.shape[0], step):
-            block = rows[start : start + step].to(compute)
-            unit = decided.check(block, rows.dtype)
-            result = torch.addmm(block, block @ right, left.T, alpha=-1)
-            if unit:  # scale each row by 1/‖row‖ (a zero row by 1: it stays zero)
-                norms = torch.linalg.vector_norm(result, dim=-1)
-                result.mul_(torch.where(norms > 0, norms.reciprocal(), torch.ones_like(norms)).unsqueeze(-1))
-            edited[start : start + step] = result
-        return (edited.numpy() if as_numpy else edited), bool(decided.value)
+        _BlockEditor(self, rows).run(rows, edited, decided)
+        if out is not None:
+            return out, bool(decided.value)
+        return (edited.numpy() if isinstance(embeddings, np.ndarray) else edited), bool(decided.value)
 
     def _check_rows(self, rows: Tensor) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.dim:
@@ -150,6 +152,7 @@ class EmbeddingEdit:
             "forgotten": {name: list(classes) for name, classes in self.forgotten.items()},
             "factor_checksums": {name: dict(sums) for name, sums in self.checksums.items()},
             "base_model_fingerprint": self.base_fingerprint,
+            "visual_erasure": None if self.visual_erasure is None else dict(self.visual_erasure),
         }
 
 
@@ -161,6 +164,43 @@ BLOCK_BYTES = 1 << 20
 def block_rows(dim: int) -> int:
     """Rows per block of :meth:`EmbeddingEdit.apply` for ``dim``-dimensional rows (:data:`BLOCK_BYTES`)."""
     return max(1, BLOCK_BYTES // (4 * dim))
+
+
+class _BlockEditor:
+    """Edits rows block by block through one reused compute-dtype buffer: convert a block in, decide or check that
+    it is unit length, ``block −= (block V) Uᵀ`` in place, renormalise, convert out. Reusing the buffers (instead
+    of new tensors per block) halves the edit's time: it is bound by memory traffic, not arithmetic."""
+
+    def __init__(self, edit: EmbeddingEdit, rows: Tensor) -> None:
+        compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        self.left_t = edit.left.to(rows.device, compute).T
+        self.right = edit.right.to(rows.device, compute)
+        self.step = min(block_rows(edit.dim), rows.shape[0])
+        self.block = torch.empty(self.step, edit.dim, dtype=compute, device=rows.device)
+        self.coefficients = torch.empty(self.step, edit.rank, dtype=compute, device=rows.device)
+
+    def run(self, rows: Tensor, edited: Tensor, decided: _UnitDecision) -> None:
+        for start in range(0, rows.shape[0], self.step):
+            count = min(self.step, rows.shape[0] - start)
+            block, coefficients = self.block[:count], self.coefficients[:count]
+            block.copy_(rows[start : start + count])
+            unit = decided.check(block, rows.dtype)
+            torch.mm(block, self.right, out=coefficients)
+            block.addmm_(coefficients, self.left_t, alpha=-1)
+            if unit:  # scale each row by 1/‖row‖ (a zero row by 1: it stays zero)
+                norms = torch.linalg.vector_norm(block, dim=-1)
+                block.mul_(torch.where(norms > 0, norms.reciprocal(), torch.ones_like(norms)).unsqueeze_(-1))
+            edited[start : start + count].copy_(block)
+
+
+def _as_tensor(values) -> Tensor:
+    """A tensor sharing ``values``' memory (a ``numpy`` array — read-only ones too, as a memory map or bytes read
+    are: they are only read, or written where the caller asked — or a tensor as it is)."""
+    if not isinstance(values, np.ndarray):
+        return values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(values)
 
 
 def unit_tolerance(dtype: torch.dtype) -> float:

@@ -1,4 +1,5 @@
-"""A labelled sample of a stored index, for auditing what the index still finds (:func:`labelled_sample`).
+"""Samples of a stored index: labelled, for auditing what the index still finds (:func:`labelled_sample`), or not,
+for estimating what its classes look like (:func:`stored_sample`).
 
 An index holds vectors, not classes; auditing retrieval needs each audited vector's class. It is read from a column
 the index already has: a table layout's own column, or the clip-retrieval ``metadata/metadata_<i>.parquet`` rows that
@@ -31,22 +32,45 @@ class LabelledSample:
 def labelled_sample(layout: IndexLayout, label_column: str, max_vectors: int = 20_000) -> LabelledSample:
     """Up to ``max_vectors`` vectors of ``layout``, evenly spaced over the whole index, with their class names from
     ``label_column``; one shard in memory at a time."""
-    totals = [_rows(layout, shard) for shard in layout.shards]
-    total = sum(totals)
-    step = max(1, -(-total // max_vectors))
-    vectors, names, offset = [], [], 0
-    for shard, rows in zip(layout.shards, totals, strict=True):
-        keep = np.arange((-offset) % step, rows, step)
-        offset += rows
-        if keep.size:
-            vectors.append(torch.from_numpy(np.asarray(_vectors(layout, shard)[keep], dtype=np.float32)))
-            names.extend(_labels(layout, shard, label_column, rows)[i] for i in keep)
+    vectors, names, total = [], [], 0
+    for shard, rows, keep in _spaced_rows(layout, max_vectors):
+        total += rows
+        if not keep.size:
+            continue
+        vectors.append(torch.from_numpy(np.asarray(_vectors(layout, shard)[keep], dtype=np.float32)))
+        names.extend(_labels(layout, shard, label_column, rows)[i] for i in keep)
     if not names:
         raise IndexLayoutError(f"{layout.root} holds no vectors to audit.")
     class_names = tuple(sorted(set(names)))
     position = {name: index for index, name in enumerate(class_names)}
     labels = torch.tensor([position[name] for name in names], dtype=torch.long)
     return LabelledSample(torch.cat(vectors), labels, class_names, total)
+
+
+def stored_sample(layout: IndexLayout, max_vectors: int = 20_000) -> Tensor:
+    """Up to ``max_vectors`` vectors of ``layout`` (float32), evenly spaced over the whole index, the same rows on
+    every call; one shard in memory at a time."""
+    vectors = [
+        torch.from_numpy(np.asarray(_vectors(layout, shard)[keep], dtype=np.float32))
+        for shard, _, keep in _spaced_rows(layout, max_vectors)
+        if keep.size
+    ]
+    if not vectors:
+        raise IndexLayoutError(f"{layout.root} holds no vectors.")
+    return torch.cat(vectors)
+
+
+def _spaced_rows(layout: IndexLayout, max_vectors: int):
+    """``(shard, its rows, the row numbers kept)`` for every shard, keeping every ``step``-th row of the whole index
+    (``step`` the fewest that keeps at most ``max_vectors``)."""
+    if max_vectors < 1:
+        raise ValueError(f"The sample must hold at least one vector, got max_vectors={max_vectors}.")
+    totals = [_rows(layout, shard) for shard in layout.shards]
+    step, offset = max(1, -(-sum(totals) // max_vectors)), 0
+    for shard, rows in zip(layout.shards, totals, strict=True):
+        keep = np.arange((-offset) % step, rows, step)
+        offset += rows
+        yield shard, rows, keep
 
 
 def _rows(layout: IndexLayout, shard: Shard) -> int:

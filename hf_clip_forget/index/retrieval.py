@@ -198,6 +198,7 @@ def audit_index(
     vocabulary_neighbours: int = 5,
     held_out_templates: str | Sequence[str] | None = None,
     query_only: bool = False,
+    edit: EmbeddingEdit | None = None,
     max_image_queries: int = 500,
     text_batch_size: int = 256,
     show_progress: bool = False,
@@ -215,6 +216,8 @@ def audit_index(
         side: the side of the stored vectors (:func:`edit_embeddings`).
         neighbours, vocabulary_neighbours, held_out_templates: as in :func:`~hf_clip_forget.audit.audit_forgetting`.
         query_only: also score the query edited alone (:func:`edit_query`) against the unedited index.
+        edit: what the index is edited with (default: ``embedding_edit(model, side)``; e.g. one with an index-only
+            visual erasure, :func:`~hf_clip_forget.index.visual.with_visual_erasure`).
         max_image_queries: image→image queries per class (spread evenly over its vectors).
 
     Returns an :class:`IndexAuditReport`; each row's verdict is the audit's (:func:`~hf_clip_forget.audit.verdict`):
@@ -226,7 +229,7 @@ def audit_index(
     check_neighbours(given, setup.candidates)
     space = EmbeddingSpace(model, tokenizer, setup.adapters, text_batch_size, show_progress, use_cache)
     setup = _with_neighbours(setup, space, tokenizer, given, vocabulary_neighbours, None, 4000)
-    edit = embedding_edit(model, side)
+    edit = edit or embedding_edit(model, side)
     stored = torch.as_tensor(stored_before)
     labels = torch.as_tensor(labels).long()
     if labels.shape != (stored.shape[0],):

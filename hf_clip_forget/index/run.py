@@ -35,6 +35,7 @@ from .shards import (
     IndexLayout,
     IndexLayoutError,
     Shard,
+    ShardBuffers,
     ShardResult,
     discover_layout,
     edit_shard,
@@ -105,9 +106,10 @@ def edit_index(
     job = _job_record(edit, layout, column, normalized)
     done = _open_staging(staging, job)
     pending = [shard for shard in layout.shards if shard.path not in done]
+    buffers = ShardBuffers()  # one shard's bytes in and out per thread, reused; gone with the run
 
     def run(shard: Shard) -> ShardResult:
-        result = edit_shard(edit, layout.root, staging, shard, normalized)
+        result = edit_shard(edit, layout.root, staging, shard, normalized, buffers)
         _mark_done(staging, result)
         return result
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -190,16 +191,52 @@ def shard_dim(root: str, shard: Shard) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- one shard
-def edit_shard(edit, source_root: str, target_root: str, shard: Shard, normalized: bool | None = None) -> ShardResult:
+class ShardBuffers:
+    """Memory reused from shard to shard, one set per thread: the bytes of the shard being read and the array its
+    edited vectors are written into. Fresh memory for every shard would cost the kernel a page fault per 4 KiB
+    (on this project's 2-core machine about as long as reading the shard); reused, a run holds at most one shard
+    of each per worker thread, whatever the index size. Pickles as a new, empty set (a cluster worker makes its
+    own)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()
+
+    def input(self, size: int) -> memoryview:
+        """``size`` writable bytes."""
+        return memoryview(self._grown("input", size))[:size]
+
+    def output(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """A C-contiguous array of ``shape`` and ``dtype``."""
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape)) * dtype.itemsize
+        return self._grown("output", size)[:size].view(dtype).reshape(shape)
+
+    def _grown(self, name: str, size: int) -> np.ndarray:
+        buffer = getattr(self._local, name, None)
+        if buffer is None or buffer.size < size:
+            setattr(self._local, name, None)  # the old one goes before the larger one is allocated
+            buffer = np.empty(max(size, 1), dtype=np.uint8)
+            setattr(self._local, name, buffer)
+        return buffer
+
+
+def edit_shard(
+    edit, source_root: str, target_root: str, shard: Shard, normalized: bool | None = None, buffers=None
+) -> ShardResult:
     """Read ``shard`` under ``source_root``, apply ``edit`` (an ``EmbeddingEdit``) to its vectors, write the result
     at the same relative path under ``target_root`` (temporary name, then rename), and return its
-    :class:`ShardResult`. Only the vectors change: a table keeps its other columns, schema and row groups."""
-    with open(os.path.join(source_root, shard.path), "rb") as handle:
-        data = handle.read()
-    input_sha256 = hashlib.sha256(data).hexdigest()
+    :class:`ShardResult`. Only the vectors change: a table keeps its other columns, schema and row groups.
+    ``buffers`` (a :class:`ShardBuffers`) is memory to reuse across calls; default: new memory for this shard."""
+    buffers = buffers or ShardBuffers()
+    data, input_sha256 = _read(os.path.join(source_root, shard.path), buffers)
     reader = {"npy": _edit_npy, "parquet": _edit_parquet, "arrow": _edit_arrow}[shard.format]
-    parts, rows, dim, unit = reader(edit, data, shard, normalized)
-    del data  # one shard in memory at a time: the input bytes go before the output is written
+    parts, rows, dim, unit = reader(edit, data, shard, normalized, buffers)
     target = os.path.join(target_root, shard.path)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = target + ".partial"
@@ -212,31 +249,58 @@ def edit_shard(edit, source_root: str, target_root: str, shard: Shard, normalize
     return ShardResult(shard.path, rows, dim, unit, input_sha256)
 
 
-def _vectors_of(edit, vectors: np.ndarray, where: str, normalized: bool | None):
+def _read(path: str, buffers: ShardBuffers) -> tuple[memoryview, str]:
+    """The file's bytes (in ``buffers``' input memory) and their sha256."""
+    with open(path, "rb") as handle:
+        data = buffers.input(os.fstat(handle.fileno()).st_size)
+        filled = 0
+        while filled < len(data):
+            count = handle.readinto(data[filled:])
+            if not count:
+                raise IndexLayoutError(f"{path} became shorter while it was read; is another process writing it?")
+            filled += count
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _vectors_of(edit, vectors: np.ndarray, where: str, normalized: bool | None, out=None):
     if vectors.ndim != 2:
         raise IndexLayoutError(f"{where}: expected (n, d) vectors, got shape {vectors.shape}.")
     try:
-        return edit.apply_reporting(vectors, normalized)
+        return edit.apply_reporting(vectors, normalized, out)
     except ValueError as error:
         raise IndexLayoutError(f"{where}: {error}") from error
 
 
-def _edit_npy(edit, data: bytes, shard: Shard, normalized):
-    stream = io.BytesIO(data)
-    version = np.lib.format.read_magic(stream)
-    header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-    shape, fortran, dtype = header(stream) if header else (None, True, None)
-    if fortran or dtype.hasobject:  # rare layouts: numpy's own reader (one copy more)
-        vectors = np.load(io.BytesIO(data), allow_pickle=False)
+def _edit_npy(edit, data: memoryview, shard: Shard, normalized, buffers: ShardBuffers):
+    version, shape, fortran, dtype, offset = _npy_header(data)
+    if fortran or dtype is None or dtype.hasobject:  # rare layouts: numpy's own reader (one copy more)
+        vectors = np.load(io.BytesIO(bytes(data)), allow_pickle=False)
         shape, version = vectors.shape, None
     else:
-        vectors = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=stream.tell()).reshape(shape)
-    edited, unit = _vectors_of(edit, np.ascontiguousarray(vectors), shard.path, normalized)
-    edited = np.ascontiguousarray(edited)
+        vectors = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+    vectors = np.ascontiguousarray(vectors)
+    edited, unit = _vectors_of(edit, vectors, shard.path, normalized, buffers.output(vectors.shape, vectors.dtype))
     header = io.BytesIO()  # the header, then the array's own buffer: no copy of the vectors
     write_header = np.lib.format.write_array_header_2_0 if version == (2, 0) else np.lib.format.write_array_header_1_0
     write_header(header, np.lib.format.header_data_from_array_1_0(edited))
-    return [header.getvalue(), memoryview(edited).cast("B")], int(shape[0]), int(shape[1]), unit
+    flat = memoryview(edited.reshape(-1).view(np.uint8))  # bytes (a view; a 0-row shard too)
+    return [header.getvalue(), flat], int(shape[0]), int(shape[1]), unit
+
+
+def _npy_header(data: memoryview) -> tuple:
+    """``(version, shape, fortran_order, dtype, data_offset)`` from a ``.npy`` file's bytes, parsing only its header;
+    versions other than 1.0 and 2.0 give ``dtype`` ``None`` (read by ``numpy.load`` instead)."""
+    length_bytes = {1: 2, 2: 4}.get(data[6] if len(data) > 6 else 0)
+    if length_bytes is None:
+        return None, None, True, None, 0
+    end = 8 + length_bytes + int.from_bytes(data[8 : 8 + length_bytes], "little")
+    stream = io.BytesIO(bytes(data[:end]))
+    version = np.lib.format.read_magic(stream)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        return version, None, True, None, 0
+    shape, fortran, dtype = read(stream)
+    return version, shape, fortran, dtype, stream.tell()
 
 
 def _table_vectors(table, shard: Shard):
@@ -269,13 +333,14 @@ def _replace_vectors(table, shard: Shard, column, edited: np.ndarray):
     return table.set_column(index, table.schema.field(index), new)
 
 
-def _edit_parquet(edit, data: bytes, shard: Shard, normalized):
+def _edit_parquet(edit, data: memoryview, shard: Shard, normalized, buffers: ShardBuffers):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    source = pq.ParquetFile(io.BytesIO(data))
+    source = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data)))
     table = source.read()
     column, vectors = _table_vectors(table, shard)
-    edited, unit = _vectors_of(edit, vectors, shard.path, normalized)
+    edited, unit = _vectors_of(edit, vectors, shard.path, normalized, buffers.output(vectors.shape, vectors.dtype))
     out = io.BytesIO()
     first = source.metadata.row_group(0) if source.metadata.num_row_groups else None
     options = {}
@@ -286,14 +351,14 @@ def _edit_parquet(edit, data: bytes, shard: Shard, normalized):
     return [out.getbuffer()], len(vectors), vectors.shape[1], unit
 
 
-def _edit_arrow(edit, data: bytes, shard: Shard, normalized):
+def _edit_arrow(edit, data: memoryview, shard: Shard, normalized, buffers: ShardBuffers):
     import pyarrow as pa
 
     reader = _arrow_reader(pa.py_buffer(data))
     writer_for = pa.ipc.new_stream if isinstance(reader, pa.ipc.RecordBatchStreamReader) else pa.ipc.new_file
     table = reader.read_all()
     column, vectors = _table_vectors(table, shard)
-    edited, unit = _vectors_of(edit, vectors, shard.path, normalized)
+    edited, unit = _vectors_of(edit, vectors, shard.path, normalized, buffers.output(vectors.shape, vectors.dtype))
     out = io.BytesIO()
     with writer_for(out, table.schema) as writer:
         writer.write_table(_replace_vectors(table, shard, column, edited))
