@@ -296,7 +296,7 @@ def _threads(workers: int) -> ShardMapper:
 
 # ------------------------------------------------------------------------------------------------------ publish
 def _provenance(edit: EmbeddingEdit, layout: IndexLayout, results: list[ShardResult], job: dict) -> dict:
-    flags = {result.normalized for result in results}
+    flags = {result.normalized for result in results if result.rows}  # an empty shard holds no kind of vectors
     if len(flags) > 1:
         unit = [r.path for r in results if r.normalized][:3]
         raise IndexLayoutError(
