@@ -49,7 +49,7 @@ def test_the_composed_edit_is_the_projection_after_the_adapters_edit():
     erasure = visual_erasure(rows, centres[:1], centres[1:], ["a"], ["b", "c", "d"], edit=edit, rank=3)
     basis = erasure.basis.double()
     assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-6)
-    assert basis.shape[1] == 1 + 1 + 3  # the text direction, the mean difference, 3 principal directions
+    assert basis.shape[1] == 1 + 1 + 3  # the text direction, the mean difference, 3 contrastive directions
     composed = with_visual_erasure(edit, erasure)
     projector = torch.eye(rows.shape[1], dtype=torch.float64) - basis @ basis.T
     # float32 factors: entries of P M agree to ~1e-6 (d = 24 terms of float32 products)
@@ -171,7 +171,7 @@ def test_the_command_erases_and_records_what_it_did(command, tmp_path, capsys):
                  "--erase-visual", "--visual-rank", "2"]) == 0  # fmt: skip
     assert "visual erasure (index only)" in capsys.readouterr().out
     record = json.loads((out / "hf_clip_forget_index.json").read_text())["edit"]["visual_erasure"]
-    assert record["rank_per_class"] == 2 and record["sample"] == 120 and record["competitors"] == 2
+    assert record["contrastive_directions_per_class"] == 2 and record["sample"] == 120 and record["competitors"] == 2
     # the output is exactly the recorded erasure after the adapter's edit, recomputed by the public functions
     from hf_clip_forget.cli.loading import load_dual_encoder
 

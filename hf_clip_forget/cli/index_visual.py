@@ -16,7 +16,7 @@ def add_visual_arguments(edit) -> None:
                       "the adapter's retain class names. Index-only: the output is then no longer what re-encoding "
                       "with the edited model gives, and its provenance says so (docs/index_forgetting.md)")  # fmt: skip
     edit.add_argument("--visual-rank", type=int, default=DEFAULT_VISUAL_RANK,
-                      help=f"principal directions per forgotten class with --erase-visual (default "
+                      help=f"contrastive principal directions per forgotten class with --erase-visual (default "
                       f"{DEFAULT_VISUAL_RANK})")  # fmt: skip
     edit.add_argument(
         "--visual-sample",
