@@ -41,7 +41,7 @@ def fake_hub():
 
 
 #: Test modules that set up the prompt cache themselves (through HF_HOME) to test it.
-CACHE_TESTS = ("test_prompt_cache", "test_cli_cache")
+CACHE_TESTS = ("test_prompt_cache", "test_prompt_cache_shards", "test_cli_cache")
 
 
 @pytest.fixture(autouse=True)

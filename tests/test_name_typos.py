@@ -10,7 +10,7 @@ import pytest
 import hf_clip_forget
 from hf_clip_forget import UnknownNameWarning, add_forget_adapter
 from hf_clip_forget.cli import main
-from hf_clip_forget.core import tokenizer_checks
+from hf_clip_forget.core import known_words, tokenizer_checks
 from hf_clip_forget.core.tokenizer_checks import unknown_class_names, unknown_domain_names
 from hf_clip_forget.testing_utils import tiny_clip
 
@@ -124,7 +124,7 @@ def test_bpe_vocabularies_count_words_with_their_end_marker():
 
 def test_the_vocabulary_is_built_once_per_tokenizer_and_names_are_checked_once(wordpiece, monkeypatch):
     unknown_class_names(wordpiece, ["dgo"])
-    built = tokenizer_checks._vocabulary(wordpiece)
+    built = known_words.whole_words(wordpiece)
     calls = []
     original = tokenizer_checks._class_name_problem
     monkeypatch.setattr(tokenizer_checks, "_class_name_problem", lambda *a: calls.append(a) or original(*a))
@@ -132,7 +132,7 @@ def test_the_vocabulary_is_built_once_per_tokenizer_and_names_are_checked_once(w
     for _ in range(20):  # a sweep or calibration adds one adapter per strength
         unknown_class_names(wordpiece, ["dgo", "zebra", "tigre"])
     assert time.perf_counter() - start < 0.5
-    assert tokenizer_checks._vocabulary(wordpiece) is built
+    assert known_words.whole_words(wordpiece) is built
     assert [a[1] for a in calls] == ["zebra", "tigre"]  # each name once ("dgo" was checked above)
 
 

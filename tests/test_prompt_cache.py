@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from hf_clip_forget import add_forget_adapter
-from hf_clip_forget.core import encode_prompts, prompt_cache, text_path
+from hf_clip_forget.core import encode_prompts, prompt_cache, prompt_store, text_path
 from hf_clip_forget.core.prompt_cache import PROMPT_CACHE_ENV, prompt_cache_disabled
 from hf_clip_forget.core.text_embeddings import _Tokenization
 from hf_clip_forget.evaluation import class_embeddings
@@ -318,7 +318,7 @@ def test_a_checksum_recomputed_by_the_current_recipe_does_not_rebind_a_row(cache
     metadata, rows = read_entry(path)
     key, prompts, ids = metadata["key"], json.loads(metadata["prompts"]), json.loads(metadata["rows"])
     swapped = [prompts[1], prompts[0], *prompts[2:]]
-    digest = prompt_cache._file_digest(key, swapped, ids, rows)
+    digest = prompt_store.file_digest(key, swapped, ids, rows)
     save_file({"embeddings": rows}, path, {**metadata, "prompts": json.dumps(swapped), "sha256": digest})
     assert_recomputed(model, tokenizer, monkeypatch, truth)
 
@@ -328,7 +328,7 @@ def test_a_checksum_recomputed_by_the_current_recipe_does_not_rebind_a_row(cache
     other_truth = encode(model, tokenizer, use_cache=False)
     (other,) = [name for name in entries(cache_dir) if name != entry]
     other_key = read_entry(cache_dir / other)[0]["key"]
-    moved = {**metadata, "key": other_key, "sha256": prompt_cache._file_digest(other_key, prompts, ids, rows)}
+    moved = {**metadata, "key": other_key, "sha256": prompt_store.file_digest(other_key, prompts, ids, rows)}
     save_file({"embeddings": rows}, cache_dir / other, moved)
     assert_recomputed(model, tokenizer, monkeypatch, other_truth)
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..api import holds_forget_adapters
 from ..core import HELD_OUT_TEMPLATES, encode_prompts, fill_templates, normalize_rows, resolve_templates
+from ..core.prompt_store import RowTable
 from ..evaluation import find_visual_projection
 from ..families import family_of
 from ..tuners.projection_edit import ProjectionEditLayer
@@ -113,7 +114,7 @@ class EmbeddingSpace:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.use_cache = use_cache
-        self._memo: dict[tuple[str, bool], Tensor] = {}
+        self._memo: dict[bool, RowTable] = {}  # edited or not → each prompt's row, gathered at once
         self.edits_text = any(
             not layer.image_side and any(name in layer.projection_edit_settings for name in self.adapters)
             for layer in self.base.modules()
@@ -121,18 +122,19 @@ class EmbeddingSpace:
         )
 
     def prompts(self, prompts: Sequence[str], edited: bool) -> Tensor:
-        """Normalised ``(n, d)`` float32 embeddings of ``prompts`` by the text side, edited or not."""
+        """Normalised ``(n, d)`` float64 embeddings of ``prompts`` by the text side, edited or not (each prompt
+        encoded once per state, all gathered at once)."""
         edited = edited and self.edits_text  # an image-side edit leaves every text embedding as it was
-        missing = list(dict.fromkeys(p for p in prompts if (p, edited) not in self._memo))
+        memo = self._memo.setdefault(edited, RowTable(torch.float64))
+        missing = memo.missing(prompts)
         if missing:
             if edited:
                 encoded = self._encode(missing)
             else:
                 with self.model.base_model.edits_bypassed():
                     encoded = self._encode(missing)
-            for prompt, vector in zip(missing, normalize_rows(encoded.float()), strict=True):
-                self._memo[(prompt, edited)] = vector
-        return torch.stack([self._memo[(p, edited)] for p in prompts])
+            memo.add(missing, normalize_rows(encoded.float()))
+        return memo.gather(prompts)
 
     def _encode(self, prompts: list[str]) -> Tensor:
         return encode_prompts(

@@ -31,6 +31,7 @@ def held_out_prompt_rows(space: EmbeddingSpace, setup: AuditSetup) -> list[Audit
     """Per forgotten class: share of held-out prompts (and of the user's descriptions) on which it still wins."""
     rows = []
     names = list(setup.candidates)
+    position = {n: i for i, n in enumerate(names)}
     for name in setup.forgotten:
         if len(names) < 2:
             rows.append(AuditRow.skipped("held-out prompts", name, "", _NO_COMPETITORS))
@@ -39,7 +40,7 @@ def held_out_prompt_rows(space: EmbeddingSpace, setup: AuditSetup) -> list[Audit
         if setup.descriptions.get(name):
             trials.append((f"{len(setup.descriptions[name])} descriptions", list(setup.descriptions[name]), None))
         for subject, texts, labels in trials:
-            before, after = _win_rates(space, texts, names, names.index(name), setup.templates)
+            before, after = _win_rates(space, texts, names, position[name], setup.templates)
             labels = labels or texts
             rows.append(
                 AuditRow.judged(
@@ -77,11 +78,12 @@ def margin_rows(space: EmbeddingSpace, setup: AuditSetup) -> list[AuditRow]:
     (> 0: the class is still on top; the class counts as gone once the margin is <= 0)."""
     rows = []
     names = list(setup.candidates)
+    position = {n: i for i, n in enumerate(names)}
     for name in setup.forgotten:
         if len(names) < 2:
             rows.append(AuditRow.skipped("logit margin", name, "", _NO_COMPETITORS))
             continue
-        index = names.index(name)
+        index = position[name]
         margins = []
         for edited in (False, True):
             scores = (

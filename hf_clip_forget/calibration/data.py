@@ -121,7 +121,8 @@ def _suggest(name: str, choices: Sequence[str]) -> str:
 
 
 def _known(names: Sequence[str], choices: Sequence[str], what: str, argument: str) -> None:
-    unknown = [name for name in names if name not in choices]
+    known = set(choices)
+    unknown = [name for name in names if name not in known]
     if unknown:
         hints = "".join(f" {name!r}{_suggest(name, choices)}" for name in unknown).strip()
         raise ValueError(
@@ -137,7 +138,8 @@ def check_request(
     classes = validate_class_names(classes)
     _known(classes, data.class_names, "classes", "classes")
     if retain_classes is None:
-        retain_classes = [name for name in data.class_names if name not in classes]
+        forgotten = set(classes)
+        retain_classes = [name for name in data.class_names if name not in forgotten]
         if not retain_classes:
             raise ValueError(
                 f"The validation data has no class besides the forgotten ones ({classes}), so the collateral damage of "
@@ -170,7 +172,11 @@ def check_request(
 
 
 def _indices(names: Sequence[str], choices: Sequence[str]) -> Tensor:
-    return torch.tensor([list(choices).index(name) for name in names], dtype=torch.long)
+    """The position of each of ``names`` among ``choices`` (its first): one pass over each."""
+    position: dict[str, int] = {}
+    for i, choice in enumerate(choices):
+        position.setdefault(choice, i)
+    return torch.tensor([position[name] for name in names], dtype=torch.long)
 
 
 def groups(request: CalibrationRequest, data: ValidationData) -> tuple[Tensor, Tensor]:
@@ -210,15 +216,17 @@ def kept_groups(request: CalibrationRequest, data: ValidationData) -> dict[str, 
 
 def _check_images(request: CalibrationRequest, data: ValidationData) -> None:
     domain_wise = request.paradigm != "global" and data.domains is not None
-    for name in request.classes:
-        of_class = data.labels == data.class_names.index(name)
+    class_ids = _indices(request.classes, data.class_names).tolist()
+    domain_ids = _indices(request.domains, data.domain_names).tolist() if domain_wise else []
+    for name, class_id in zip(request.classes, class_ids, strict=True):
+        of_class = data.labels == class_id
         if not domain_wise and not of_class.any():
             raise ValueError(
                 f"The validation data has no images of the forgotten class {name!r}, so how much of it the edit "
                 "removes cannot be measured. Add images of it to the validation data."
             )
-        for domain in request.domains if domain_wise else ():
-            if not (of_class & (data.domains == data.domain_names.index(domain))).any():
+        for domain, domain_id in zip(request.domains, domain_ids, strict=True) if domain_wise else ():
+            if not (of_class & (data.domains == domain_id)).any():
                 raise ValueError(
                     f"The validation data has no images of the forgotten cell {domain}/{name} ({name!r} in {domain!r}), "
                     "so how much of it the edit removes cannot be measured. Add images of that cell."

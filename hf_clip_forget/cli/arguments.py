@@ -107,7 +107,8 @@ def refuse_classes_not_in_data(dataset, classes, flags: str, fix: str = "name th
     """A :class:`CommandError` when ``classes`` (chosen by ``flags``) are not classes of ``--data``, naming the data's
     closest names and ``fix``."""
     names, _ = data_class_names(dataset)
-    unknown = [name for name in classes or () if name not in names]
+    known = set(names)
+    unknown = [name for name in classes or () if name not in known]
     if unknown:
         hints = []
         for name in unknown:

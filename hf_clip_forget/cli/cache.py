@@ -58,6 +58,7 @@ def command_cache_info(args) -> int:
     print(f"  {_entries(len(entries))}, {_prompts(prompts)}, {_size(total)}")
     for entry in entries:
         shape = "unreadable" if entry.prompts is None else f"{_prompts(entry.prompts)} × {entry.dim}"
+        shape += f" in {entry.shards} shards" if entry.shards > 1 else ""
         print(f"  {os.path.basename(entry.path)}  {shape}  {_size(entry.size)}")
     files = _feature_files(_features_dir())
     print(f"image features: {_features_dir()}")

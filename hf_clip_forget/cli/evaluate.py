@@ -176,7 +176,8 @@ def command_sweep(args) -> int:
     if not state.is_main_process:
         return 0  # the main process edits, evaluates and reports
     # the data's other class names (names only) define the shared direction the edit keeps
-    retain = None if args.no_keep_shared_direction else [c for c in features.class_names if c not in classes]
+    forgotten = set(classes)
+    retain = None if args.no_keep_shared_direction else [c for c in features.class_names if c not in forgotten]
     edited, rows = None, []
     for alpha in alphas:
         name = f"alpha_{len(rows)}"

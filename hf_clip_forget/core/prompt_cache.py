@@ -19,16 +19,20 @@ token ids), the padding used (the family's ``text_padding``, the maximum length,
 the prompt string. Tensor hashes (sha256) are memoised by (identity, ``data_ptr``, ``_version``), so keying a warm
 model costs about a millisecond, and any in-place change of a weight gives new embeddings.
 
-**Where**: a dict per key in memory, and one safetensors file per key under the Hugging Face cache directory,
-``$HF_HOME/hf_clip_forget/prompts/<key>.safetensors`` (next to the image-feature cache, ``.../features``). Its
-metadata records the key (``parts`` as JSON, whose hash is the file name), the prompts in row order, each row's
-identity (:func:`row_id`: sha256 of the key and the prompt) and one sha256 over all of them together — key, prompts,
-row identities, the rows' shape and bytes (:func:`_file_digest`). Files are written atomically (a temporary file
-renamed over the old one) under a file lock, merging the rows another process wrote meanwhile. A file that cannot be
-read, whose recorded key is not the one its name says, whose row identities are not those of its key and prompts, or
-whose checksum does not cover exactly its key, prompts and rows, is ignored *whole* with a warning and its rows
-recomputed and rewritten: never used. A cache directory that cannot be written leaves the memory cache working, with
-a warning naming it.
+**Where**: per key, in memory, one tensor of rows and a prompt → row dict (:class:`~.prompt_store.RowTable`: a
+request's rows are gathered with one ``index_select``), and on disk, under the Hugging Face cache directory, a few
+safetensors *shards* per key, ``$HF_HOME/hf_clip_forget/prompts/<key>.safetensors``, ``<key>.1.safetensors`` …
+(next to the image-feature cache, ``.../features``). Each shard's metadata records the key (``parts`` as JSON, whose
+hash is the file name), its prompts in row order, each row's identity (:func:`row_id`: sha256 of the key and the
+prompt) and one sha256 over all of them together — key, prompts, row identities, the rows' shape and bytes
+(:func:`~.prompt_store.file_digest`). A miss is stored as a new shard, written atomically (a temporary file renamed
+into place) under the key's file lock: the rows already on disk are not rewritten, except that shards of at most
+twice its size are merged into it (so a key keeps about log₂(rows) shards and a row is rewritten O(log rows) times
+in all; :mod:`.prompt_store`). Rows another process stored meanwhile are read, not stored again. A shard that cannot
+be read, whose recorded key is not the one its name says, whose row identities are not those of its key and
+prompts, or whose checksum does not cover exactly its key, prompts and rows, is ignored *whole* with a warning (the
+key's other shards still serve), its rows recomputed and stored anew, and the shard deleted: never used. A cache
+directory that cannot be written leaves the memory cache working, with a warning naming it.
 
 **What the checks defend against, and what not.** The cache lives in the user's own ``HF_HOME``; it is a cache, not
 a trust boundary. The checks catch accidental damage (a truncated or partly written file, flipped bits, a file
@@ -57,7 +61,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -66,14 +69,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .prompt_store import CACHE_FORMAT, SUFFIX, StoredKey, append_rows, key_of, refresh, row_id, shard_numbers
+
 
 #: The environment variable that turns the prompt cache off process-wide (``0``, ``false``, ``off`` or ``no``).
 PROMPT_CACHE_ENV = "HF_CLIP_FORGET_PROMPT_CACHE"
 _OFF, _ON = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes")
-#: Bump when the embeddings cached for the same key change meaning, or the file layout changes; old files are then
-#: ignored (their key differs). 2: the checksum covers key, prompts, row identities and rows together.
-CACHE_FORMAT = 2
-_SUFFIX = ".safetensors"
 #: Tokenizer init arguments that say where the files came from, not how text is tokenised.
 _TOKENIZER_PROVENANCE = ("name_or_path", "vocab_file", "tokenizer_file", "merges_file", "is_local", "local_files_only")
 
@@ -181,147 +182,39 @@ def _parts_json(parts: dict) -> str:
     return json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True)
 
 
-def row_id(parts_json: str, prompt: str) -> str:
-    """The identity of ``prompt``'s row under the key ``parts_json`` (its JSON, as the file records it): sha256 of
-    both, so that a row recorded under another prompt, or copied from another key's file, is not found."""
-    return hashlib.sha256(json.dumps([parts_json, prompt]).encode()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------- store
-@dataclass
-class _Entry:
-    """One key's rows in memory, and the state (mtime, size, inode) of its file when last read or written."""
-
-    rows: dict[str, Tensor]
-    seen: tuple | None = None
-
-
-_MEMORY: dict[str, _Entry] = {}
+#: Each key's rows and shards read, in this process.
+_MEMORY: dict[str, StoredKey] = {}
 _UNWRITABLE: set[str] = set()
 
 
 def cached_embeddings(parts: dict, prompts: Sequence[str], compute: Callable[[list[str]], Tensor]) -> Tensor:
     """``(len(prompts), d)`` float32 embeddings of (non-empty) ``prompts`` under the key ``parts``: from memory, else
-    from the entry's file, else ``compute(missing prompts)`` (each distinct prompt once), then stored in both."""
+    from the key's shards on disk, else ``compute(missing prompts)`` (each distinct prompt once), then held in memory
+    and stored on disk as a new shard (:func:`~.prompt_store.append_rows`). The rows are gathered from the key's
+    :class:`~.prompt_store.RowTable` at once: linear in ``prompts``, whatever else the table holds."""
     key = cache_key(parts)
-    path = os.path.join(prompt_cache_dir(), key + _SUFFIX)
-    entry = _MEMORY.setdefault(key, _Entry({}))
-    missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in entry.rows]
-    state = _file_state(path) if missing else None
-    if state is not None and state != entry.seen:  # written (by another process) since this one last read it
-        entry.rows.update(_read(path, _parts_json(parts)) or {})
-        entry.seen = state
-        missing = [prompt for prompt in missing if prompt not in entry.rows]
+    stored = _MEMORY.setdefault(key, StoredKey())
+    try:
+        return stored.rows.gather(prompts)  # everything in memory: one pass over the prompts
+    except KeyError:
+        pass
+    folder, parts_json = prompt_cache_dir(), _parts_json(parts)
+    refresh(folder, key, parts_json, stored)
+    missing = stored.rows.missing(prompts)
+    computed = torch.empty(0)
     if missing:
         computed = compute(missing).detach().to(device="cpu", dtype=torch.float32)
-        new = dict(zip(missing, computed, strict=True))
-        entry.rows.update(new)
-        _write(path, _parts_json(parts), new, entry)
-    return torch.stack([entry.rows[prompt] for prompt in prompts])
+        stored.rows.add(missing, computed)
+    if missing or stored.unusable:  # an unusable shard is deleted even when the others held every row
+        _store(folder, key, parts_json, missing, computed, stored)
+    return stored.rows.gather(prompts)
 
 
-def _file_state(path: str) -> tuple | None:
+def _store(folder: str, key: str, parts_json: str, prompts: list[str], rows: Tensor, stored: StoredKey) -> None:
+    """Append the rows to the key's shards on disk; a folder that cannot be written is warned about once."""
     try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
-
-
-def _read(path: str, parts_json: str, warn: bool = True) -> dict[str, Tensor] | None:
-    """The rows of the file at ``path``, or ``None`` when it is missing; a file that is unreadable or does not match
-    ``parts_json`` (another key, a truncated or altered file) is treated as empty (and, with ``warn``, warned
-    about)."""
-    from safetensors import safe_open
-
-    if not os.path.exists(path):
-        return None
-    try:
-        with safe_open(path, "pt") as file:
-            metadata = file.metadata() or {}
-            rows = file.get_tensor("embeddings")
-        prompts, ids = json.loads(metadata["prompts"]), json.loads(metadata["rows"])
-        problem = _mismatch(metadata, parts_json, prompts, ids, rows)
-    except Exception as error:  # noqa: BLE001 - any unreadable file means the same: recompute and rewrite it
-        problem = f"it cannot be read ({type(error).__name__}: {error})"
-    if problem and warn:
-        warnings.warn(
-            f"Ignoring the cached prompt embeddings {path!r}: {problem}. They are recomputed and the file rewritten.",
-            stacklevel=4,
-        )
-    if problem:
-        return {}
-    return dict(zip(prompts, rows, strict=True))
-
-
-def _mismatch(metadata: dict, parts_json: str, prompts, ids, rows: Tensor) -> str | None:
-    """Why the file's contents cannot be used under ``parts_json`` (``None``: they can)."""
-    if metadata.get("key") != parts_json:
-        return "its recorded key is not the one it is stored under"
-    if (
-        not isinstance(prompts, list)
-        or not isinstance(ids, list)
-        or not all(isinstance(prompt, str) for prompt in prompts)
-        or len(set(prompts)) != len(prompts)
-        or rows.ndim != 2
-        or rows.dtype != torch.float32
-        or rows.shape[0] != len(prompts)
-        or len(ids) != len(prompts)
-    ):
-        return "its prompts, row identities and rows do not match"
-    if metadata.get("sha256") != _file_digest(parts_json, prompts, ids, rows):
-        return "its checksum does not match its key, prompts and rows"
-    wrong = next((i for i, prompt in enumerate(prompts) if ids[i] != row_id(parts_json, prompt)), None)
-    if wrong is not None:
-        return (
-            f"row {wrong} is recorded for the prompt {prompts[wrong]!r} but its identity is another prompt's or key's"
-        )
-    return None
-
-
-def _file_digest(parts_json: str, prompts: list[str], ids: list[str], rows: Tensor) -> str:
-    """sha256 of everything a file's rows mean together: the key, the prompts and row identities in row order, the
-    rows' dtype and shape, and their bytes. Changing any one of them (swapping two prompts, editing a row) without
-    recomputing this by the same recipe is detected."""
-    digest = hashlib.sha256(
-        json.dumps([CACHE_FORMAT, parts_json, prompts, ids, str(rows.dtype), list(rows.shape)]).encode()
-    )
-    digest.update(b"\0")
-    digest.update(rows.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _write(path: str, parts_json: str, new: dict[str, Tensor], entry: _Entry) -> None:
-    """Merge ``new`` rows into the file at ``path`` under its lock (keeping rows another process wrote meanwhile),
-    atomically; the merged rows join ``entry``. A directory that cannot be written is warned about once."""
-    from filelock import FileLock
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with FileLock(path + ".lock"):
-            rows = _read(path, parts_json, warn=False) or {}  # warned about when it was read
-            rows.update(new)
-            prompts = list(rows)
-            ids = [row_id(parts_json, prompt) for prompt in prompts]
-            stacked = torch.stack([rows[prompt] for prompt in prompts]).contiguous()
-            metadata = {
-                "key": parts_json,
-                "prompts": json.dumps(prompts),
-                "rows": json.dumps(ids),
-                "sha256": _file_digest(parts_json, prompts, ids, stacked),
-            }
-            handle, staging = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".partial")
-            os.close(handle)
-            try:
-                save_file({"embeddings": stacked}, staging, metadata=metadata)
-                os.replace(staging, path)
-            finally:
-                if os.path.exists(staging):
-                    os.remove(staging)
-            entry.rows.update(rows)
-            entry.seen = _file_state(path)
+        append_rows(folder, key, parts_json, prompts, rows, stored)
     except OSError as error:
         if folder not in _UNWRITABLE:
             _UNWRITABLE.add(folder)
@@ -335,46 +228,58 @@ def _write(path: str, parts_json: str, new: dict[str, Tensor], entry: _Entry) ->
 # ----------------------------------------------------------------------------------------------------- management
 @dataclass(frozen=True)
 class PromptCacheEntry:
-    """One file of the prompt cache: its path, size in bytes, number of prompts and embedding dimension (``None``
-    for a file that cannot be read)."""
+    """One key of the prompt cache on disk: the path of its first shard, the size in bytes of all its shards, the
+    number of prompts and the embedding dimension of those that can be read (``None`` when none can), and the
+    number of its shard files."""
 
     path: str
     size: int
     prompts: int | None
     dim: int | None
+    shards: int = 1
 
 
 def prompt_cache_info(cache_dir: str | None = None) -> list[PromptCacheEntry]:
-    """Every entry of the prompt cache on disk, largest first."""
+    """Every key of the prompt cache on disk, largest first."""
     from safetensors import safe_open
 
     folder = cache_dir or prompt_cache_dir()
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    by_key: dict[str, list[str]] = {}
+    for name in names:
+        if key_of(name) is not None:
+            by_key.setdefault(key_of(name), []).append(name)
     entries = []
-    for name in (name for name in names if name.endswith(_SUFFIX)):
-        path = os.path.join(folder, name)
-        try:
-            with safe_open(path, "pt") as file:
-                count, dim = file.get_slice("embeddings").get_shape()
-        except Exception:  # noqa: BLE001 - an unreadable file is listed as such (the next encode rewrites it)
-            count = dim = None
-        entries.append(PromptCacheEntry(path, os.path.getsize(path), count, dim))
+    for key, shards in by_key.items():
+        shards.sort(key=shard_numbers(folder, key).__getitem__)
+        count, dim, size = None, None, 0
+        for name in shards:
+            path = os.path.join(folder, name)
+            size += os.path.getsize(path)
+            try:
+                with safe_open(path, "pt") as file:
+                    rows, dim = file.get_slice("embeddings").get_shape()
+                count = (count or 0) + rows
+            except Exception:  # noqa: BLE001 - an unreadable shard is not counted (the next encode replaces it)
+                continue
+        entries.append(PromptCacheEntry(os.path.join(folder, shards[0]), size, count, dim, len(shards)))
     return sorted(entries, key=lambda entry: -entry.size)
 
 
 def clear_prompt_cache(cache_dir: str | None = None) -> int:
-    """Delete every file of the prompt cache (entries, locks, staging files) and this process's memory cache.
-    Returns the number of entries deleted."""
+    """Delete every file of the prompt cache (shards, locks, staging files) and this process's memory cache.
+    Returns the number of keys whose shards were deleted."""
     _MEMORY.clear()
     folder = cache_dir or prompt_cache_dir()
     if not os.path.isdir(folder):
         return 0
-    removed = 0
+    removed = set()
     for name in os.listdir(folder):
-        if name.endswith((_SUFFIX, ".lock", ".partial")):
+        if name.endswith((SUFFIX, ".lock", ".partial")):
             os.remove(os.path.join(folder, name))
-            removed += name.endswith(_SUFFIX)
-    return removed
+            if name.endswith(SUFFIX):
+                removed.add(name.split(".", 1)[0])
+    return len(removed)
 
 
 __all__ = [

@@ -29,25 +29,39 @@ EDIT_METHODS: tuple[str, ...] = ("nullspace", "ccup", "logit")
 DEFAULT_RANK_TOLERANCE = 1e-5
 
 
-def _as_rows(vectors: Tensor, name: str = "vectors") -> Tensor:
+def _as_rows(vectors: Tensor, name: str = "vectors", check_finite: bool = True) -> Tensor:
     if not isinstance(vectors, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(vectors).__name__}.")
     if vectors.ndim == 1:
         vectors = vectors.unsqueeze(0)
     if vectors.ndim != 2:
         raise ValueError(f"`{name}` must be a (n, d) tensor of row vectors, got shape {tuple(vectors.shape)}.")
-    if not torch.isfinite(vectors).all():
-        raise ValueError(f"`{name}` contains NaN or inf values; every embedding must be finite.")
+    if check_finite:
+        _check_finite(vectors, name)
     return vectors.detach().to(torch.float64)
 
 
+def _check_finite(vectors: Tensor, name: str) -> None:
+    if not torch.isfinite(vectors).all():
+        raise ValueError(f"`{name}` contains NaN or inf values; every embedding must be finite.")
+
+
 def normalize_rows(vectors: Tensor) -> Tensor:
-    """L2-normalise every row (float64). Raises on a zero row, which has no direction to forget or keep."""
-    rows = _as_rows(vectors)
-    norms = rows.norm(dim=1, keepdim=True)
+    """L2-normalise every row (float64). Raises on a zero row, which has no direction to forget or keep, and on NaN
+    or inf values.
+
+    A few passes over the rows in all, whatever their number: the finiteness check reads the row norms (a NaN or
+    inf makes its row's norm NaN or inf; only then are the rows themselves checked), and a copy made to convert to
+    float64 is divided in place."""
+    rows = _as_rows(vectors, check_finite=False)
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    if not torch.isfinite(norms).all():
+        _check_finite(rows, "vectors")  # else finite rows too large to square: divided as before
     if (norms == 0).any():
         raise ValueError("A zero embedding has no direction; check the text embeddings you passed.")
-    return rows / norms
+    if rows is vectors or rows.untyped_storage().data_ptr() == vectors.untyped_storage().data_ptr():
+        return rows / norms  # the caller's own float64 tensor: not overwritten
+    return rows.div_(norms)
 
 
 def _principal_directions(vectors: Tensor, rtol: float, max_rank: int | None = None) -> tuple[Tensor, Tensor]:

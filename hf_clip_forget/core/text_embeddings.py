@@ -150,22 +150,26 @@ def _encode(model, tokenize: _Tokenization, prompts: Sequence[str], batch_size: 
     """The text side's outputs for ``prompts`` as ``model`` is now (float32, CPU).
 
     Each distinct prompt is encoded once, in batches of similar token length (less padding to compute), under
-    ``torch.inference_mode``; the rows are returned in the order of ``prompts`` as ordinary tensors.
+    ``torch.inference_mode``; each batch is copied into one ordinary tensor (usable with autograd) at its prompts'
+    rows, which are then returned in the order of ``prompts``.
     """
     text_features = embedding_function(model, "text")
-    unique = list(dict.fromkeys(prompts))
+    position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
+    unique = list(position)
     batches = _length_sorted_batches(tokenize, unique, batch_size)
-    rows: list[Tensor | None] = [None] * len(unique)
+    rows: Tensor | None = None
     progress = tqdm(batches, desc="Encoding prompts", disable=not show_progress or len(batches) < 2, leave=False)
     for batch in progress:
         with torch.inference_mode():
             output = text_features(**tokenize([unique[i] for i in batch])).float().cpu()
-        for row, index in zip(output.clone(), batch, strict=True):  # clone: a normal tensor, usable with autograd
-            rows[index] = row
-    if not rows:
+        if rows is None:
+            rows = torch.empty(len(unique), *output.shape[1:], dtype=output.dtype)
+        rows[torch.tensor(batch, dtype=torch.long)] = output
+    if rows is None:
         return torch.empty(0)
-    position = {prompt: i for i, prompt in enumerate(unique)}
-    return torch.stack([rows[position[prompt]] for prompt in prompts])
+    if len(unique) == len(prompts):  # no prompt repeated: already in their order
+        return rows
+    return rows.index_select(0, torch.tensor([position[prompt] for prompt in prompts], dtype=torch.long))
 
 
 @torch.no_grad()

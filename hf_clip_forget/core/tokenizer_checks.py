@@ -5,20 +5,26 @@ be detected is refused, and what can only be suspected (a class name the vocabul
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import re
-import string
 import unicodedata
 import warnings
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from ..families import family_of
+from .known_words import (
+    NameTokens,
+    closest_words,
+    known_whole,
+    name_tokens,
+    one_edit_from_known,
+    prompt_lengths,
+    unknown_counts,
+    whole_words,
+)
 from .text_embeddings import check_tokenizer_fits, encode_prompts
 
 
@@ -144,12 +150,16 @@ def unknown_class_names(tokenizer, classes: Sequence[str]) -> list[UnknownNameWa
     """An :class:`UnknownNameWarning` for each of ``classes`` that is mostly unknown tokens, or has a word the
     tokenizer does not know whole (nor as a plural/singular of a whole word) while a word it knows is one edit
     (a typo) away. A rare word split into pieces with no known word that close (``giraffe`` for a 30k WordPiece
-    vocabulary) is accepted: that is how the tokenizer reads real words it lacks."""
-    found, checked = [], _vocabulary(tokenizer).checked
+    vocabulary) is accepted: that is how the tokenizer reads real words it lacks. Each name is checked once per
+    tokenizer (:func:`~.known_words.name_tokens`), the names not checked yet in batched tokenizer calls."""
+    return _unknown_class_names(tokenizer, name_tokens(tokenizer), classes)
+
+
+def _unknown_class_names(tokenizer, record: NameTokens, classes: Sequence[str]) -> list[UnknownNameWarning]:
+    problems = _problems(tokenizer, record, classes)
+    found = []
     for name in classes:
-        if name not in checked:
-            checked[name] = _class_name_problem(tokenizer, name)
-        problem = checked[name]
+        problem = problems[name]
         if problem is not None:
             reason, suggestions = problem
             hint = did_you_mean(suggestions) or "it is far from every word the tokenizer knows."
@@ -198,15 +208,20 @@ def warn_about_unknown_domains(domains: Sequence[str], domain_templates=None) ->
 
 def warn_about_poorly_tokenized_classes(tokenizer, classes: Sequence[str], templates: Sequence[str]) -> None:
     """Warn, naming the class, when a class name is likely unknown to the model (:func:`unknown_class_names`: an
-    :class:`UnknownNameWarning` naming the closest known words) or its prompts get truncated."""
-    flagged = unknown_class_names(tokenizer, classes)
+    :class:`UnknownNameWarning` naming the closest known words) or its prompts get truncated: first every
+    :class:`UnknownNameWarning`, then each class's other warnings in order. Linear in the classes; names already
+    checked with this tokenizer are not tokenised again (:func:`~.known_words.name_tokens`)."""
+    record = name_tokens(tokenizer)
+    flagged = _unknown_class_names(tokenizer, record, classes)
     for warning in flagged:
         warnings.warn(warning, stacklevel=3)
     limit = _usable_length(tokenizer)
     longest = max(templates, key=len) if templates else "{}"
     typos = {warning.name for warning in flagged}
+    counts = unknown_counts(tokenizer, record, classes)
+    lengths = prompt_lengths(tokenizer, record, [longest.format(name) for name in classes]) if limit else {}
     for name in classes:
-        unknown = _unknown_tokens(tokenizer, name)
+        unknown = _mostly_unknown(counts[name])
         if unknown and name not in typos:  # mostly unknown tokens, though its words are whole words of the vocabulary
             warnings.warn(
                 f"Class {name!r} is mostly unknown to the tokenizer ({unknown[0]} of {unknown[1]} tokens are the "
@@ -214,7 +229,7 @@ def warn_about_poorly_tokenized_classes(tokenizer, classes: Sequence[str], templ
                 "the edit may remove something else. Check that the tokenizer is the one saved with the model.",
                 stacklevel=3,
             )
-        if limit is not None and len(tokenizer(longest.format(name))["input_ids"]) > limit:
+        if limit is not None and lengths[longest.format(name)] > limit:
             warnings.warn(
                 f"Prompts for class {name!r} are longer than the text tower's {limit} tokens and are truncated, so "
                 "part of the name is not embedded. Use a shorter name.",
@@ -223,33 +238,45 @@ def warn_about_poorly_tokenized_classes(tokenizer, classes: Sequence[str], templ
 
 
 # ------------------------------------------------------------------------------------- words the tokenizer knows
-def _class_name_problem(tokenizer, name: str) -> tuple[str, tuple[str, ...]] | None:
+def _class_name_problem(tokenizer, name: str, record: NameTokens | None = None) -> tuple[str, tuple[str, ...]] | None:
     """``(reason, suggested names)`` for the first word of ``name`` that looks unknown, else ``None``."""
-    unknown = _unknown_tokens(tokenizer, name)
+    record = name_tokens(tokenizer) if record is None else record
+    unknown = _mostly_unknown(unknown_counts(tokenizer, record, [name])[name])
     if unknown:
-        vocabulary = _vocabulary(tokenizer).words
-        word = next((w for w in _words(name) if not _known_whole(tokenizer, w) and w.lower() not in vocabulary), None)
+        vocabulary = whole_words(tokenizer).words
+        whole = known_whole(tokenizer, record, _words(name))
+        word = next((w for w in _words(name) if not whole[w] and w.lower() not in vocabulary), None)
         if word is None:
             return None  # every word is a whole word of the vocabulary: not a typo (see the caller's other warning)
         reason = f"is mostly unknown to the tokenizer ({unknown[0]} of {unknown[1]} tokens are the unknown token)"
-        return reason, _replaced(name, word, _closest_words(tokenizer, word))
+        return reason, _replaced(name, word, closest_words(tokenizer, word))
     for word in _words(name):
-        if _checkable(word) and not _known_word(tokenizer, word) and _one_edit_from_known(tokenizer, word):
+        if _checkable(word) and not _known_word(tokenizer, record, word) and one_edit_from_known(tokenizer, word):
             pieces = tokenizer.convert_ids_to_tokens(tokenizer(word, add_special_tokens=False)["input_ids"])
             reason = (
                 f"has a word the tokenizer does not know whole ({word!r}, read as {' + '.join(map(repr, pieces))})"
             )
-            return reason, _replaced(name, word, _closest_words(tokenizer, word))
+            return reason, _replaced(name, word, closest_words(tokenizer, word))
     return None
 
 
-def _unknown_tokens(tokenizer, name: str) -> tuple[int, int] | None:
-    """``(unknown tokens, tokens)`` of ``name`` when at least :data:`UNKNOWN_TOKEN_SHARE` of them are unknown."""
-    unknown_id = getattr(tokenizer, "unk_token_id", None)
-    ids = tokenizer(name, add_special_tokens=False)["input_ids"]
-    if unknown_id is None or not ids or ids.count(unknown_id) / len(ids) < UNKNOWN_TOKEN_SHARE:
-        return None
-    return ids.count(unknown_id), len(ids)
+def _problems(tokenizer, record: NameTokens, names: Sequence[str]) -> dict:
+    """``name → _class_name_problem`` for ``names`` (and the names checked before): the names not checked yet, and
+    every form of their words that :func:`_class_name_problem` may ask about, are tokenised first in two batched
+    calls."""
+    todo = [name for name in dict.fromkeys(names) if name not in record.problems]
+    if todo:
+        unknown_counts(tokenizer, record, todo)
+        known_whole(tokenizer, record, [form for name in todo for word in _words(name) for form in _asked_forms(word)])
+        for name in todo:
+            record.problems[name] = _class_name_problem(tokenizer, name, record)
+    return record.problems
+
+
+def _mostly_unknown(counts: tuple[int, int]) -> tuple[int, int] | None:
+    """``(unknown tokens, tokens)`` when at least :data:`UNKNOWN_TOKEN_SHARE` of the tokens are unknown."""
+    unknown, total = counts
+    return counts if total and unknown / total >= UNKNOWN_TOKEN_SHARE else None
 
 
 def _words(name: str) -> list[str]:
@@ -261,129 +288,26 @@ def _checkable(word: str) -> bool:
     return word.isalpha() and all(ch.isascii() or unicodedata.category(ch) in ("Ll", "Lu") for ch in word)
 
 
-def _known_whole(tokenizer, word: str) -> bool:
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    return len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None)
-
-
-def _known_word(tokenizer, word: str) -> bool:
-    """Whether the tokenizer knows ``word`` whole, in lower case, or as the plural/singular of a whole word."""
+def _word_forms(word: str) -> set[str]:
+    """``word``, in lower case, and that as a plural or singular."""
     lower = word.lower()
-    forms = {word, lower, lower + "s", lower.removesuffix("s"), lower.removesuffix("es")}
-    return any(_known_whole(tokenizer, form) for form in forms if form)
+    return {form for form in (word, lower, lower + "s", lower.removesuffix("s"), lower.removesuffix("es")) if form}
 
 
-def _one_edit_from_known(tokenizer, word: str) -> bool:
-    """Whether a whole word of the vocabulary is one deletion, transposition, substitution or insertion away."""
-    vocabulary = _vocabulary(tokenizer).words
-    word = word.lower()
-    letters = set(string.ascii_lowercase) | set(word)
-    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
-    edits = (
-        [a + b[1:] for a, b in splits if b]
-        + [a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1]
-        + [a + c + b[1:] for a, b in splits if b for c in letters]
-        + [a + c + b for a, b in splits for c in letters]
-    )
-    return any(edit != word and edit in vocabulary for edit in edits)
+def _asked_forms(word: str) -> set[str]:
+    """The forms of ``word`` of which :func:`_class_name_problem` may ask whether they are one known token."""
+    return _word_forms(word) if _checkable(word) else {word}
 
 
-def _closest_words(tokenizer, word: str, count: int = 3) -> tuple[str, ...]:
-    """The vocabulary's whole words closest to ``word``: ``difflib.get_close_matches`` candidates of similar length
-    that share its first or last letter, ranked by edit distance (a swap of two letters counts one), then whether
-    they use other letters, then length difference, then vocabulary rank (frequent words first in WordPiece and
-    BPE vocabularies)."""
-    vocabulary, word = _vocabulary(tokenizer), word.lower()
-    pool = [
-        w
-        for size in range(len(word) - 2, len(word) + 3)
-        for w in vocabulary.by_length.get(size, ())
-        if w[0] == word[0] or w[-1] == word[-1]  # a typo of both ends is rare; this keeps the search fast
-    ]
-    candidates = difflib.get_close_matches(word, pool, n=200, cutoff=0.6)
-    ranked = sorted(
-        candidates,
-        key=lambda w: (_edit_distance(word, w), set(w) != set(word), abs(len(w) - len(word)), vocabulary.words[w]),
-    )
-    return tuple(w for w in ranked if _edit_distance(word, w) <= 2)[:count] or tuple(candidates[:count])
+def _known_word(tokenizer, record: NameTokens, word: str) -> bool:
+    """Whether the tokenizer knows ``word`` whole, in lower case, or as the plural/singular of a whole word."""
+    forms = _word_forms(word)
+    whole = known_whole(tokenizer, record, forms)
+    return any(whole[form] for form in forms)
 
 
 def _replaced(name: str, word: str, replacements: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name.replace(word, r) if word != name else r for r in replacements))
-
-
-def _edit_distance(a: str, b: str) -> int:
-    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of neighbours cost 1."""
-    rows = [list(range(len(b) + 1))] + [[i] + [0] * len(b) for i in range(1, len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            cost = a[i - 1] != b[j - 1]
-            rows[i][j] = min(rows[i - 1][j] + 1, rows[i][j - 1] + 1, rows[i - 1][j - 1] + cost)
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                rows[i][j] = min(rows[i][j], rows[i - 2][j - 2] + 1)
-    return rows[-1][-1]
-
-
-@dataclass(frozen=True)
-class _Vocabulary:
-    """A tokenizer's whole words, lower-cased (word → rank, and by length), and the class names checked so far."""
-
-    size: int
-    words: dict[str, int]
-    by_length: dict[int, tuple[str, ...]]
-    checked: dict = field(default_factory=dict)
-
-
-#: Whole-word vocabularies by tokenizer (built once per tokenizer object; rebuilt when its size changes).
-_VOCABULARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: Marker of a whole word per vocabulary kind: WordPiece marks continuations (``##``), CLIP's BPE word ends
-#: (``</w>``), byte-level BPE and SentencePiece word starts (``Ġ``, ``▁``); a word-level vocabulary has none.
-_MARKERS = (("##", "continuation"), ("</w>", "end"), ("Ġ", "start"), ("▁", "start"))
-
-
-def _vocabulary(tokenizer) -> _Vocabulary:
-    try:
-        cached = _VOCABULARIES.get(tokenizer)
-    except TypeError:  # not weakly referenceable: built each time
-        cached = None
-    if cached is not None and cached.size == _size(tokenizer):
-        return cached
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    words: dict[str, int] = {}
-    marker = _marker(vocab)
-    for token, rank in sorted(vocab.items(), key=lambda item: item[1]):
-        word = _whole_word(token, marker)
-        if word is not None and len(word) > 1 and word.isalpha():
-            words.setdefault(word.lower(), rank)
-    lengths = {len(word) for word in words}
-    by_length = {size: tuple(word for word in words if len(word) == size) for size in lengths}
-    result = _Vocabulary(_size(tokenizer), words, by_length)
-    with contextlib.suppress(TypeError):
-        _VOCABULARIES[tokenizer] = result
-    return result
-
-
-def _size(tokenizer) -> int:
-    return len(tokenizer) if hasattr(tokenizer, "__len__") else -1
-
-
-def _marker(vocab: dict[str, int]) -> tuple[str, str] | None:
-    """The whole-word marker most tokens of ``vocab`` carry (at least 1 %), or ``None`` (a word-level vocabulary)."""
-
-    def count(marker: tuple[str, str]) -> int:
-        text, kind = marker
-        return sum(1 for token in vocab if (token.endswith(text) if kind == "end" else token.startswith(text)))
-
-    best = max(_MARKERS, key=count)
-    return best if count(best) > 0.01 * max(len(vocab), 1) else None
-
-
-def _whole_word(token: str, marker: tuple[str, str] | None) -> str | None:
-    text, kind = marker or ("", "none")
-    if kind in ("none", "continuation"):
-        return None if text and token.startswith(text) else token
-    marked = token.endswith(text) if kind == "end" else token.startswith(text)
-    return (token[: -len(text)] if kind == "end" else token[len(text) :]) if marked else None
 
 
 def _usable_length(tokenizer) -> int | None:

@@ -19,7 +19,9 @@ many boxes it alone would keep. With no box above the floor, a forgotten query i
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,14 +81,22 @@ class DetectionReport:
         """Boxes labelled ``query`` over all images, ``when`` ``"before"`` or ``"after"`` the edit."""
         if when not in ("before", "after"):
             raise ValueError(f"`when` must be 'before' or 'after', got {when!r}.")
-        if query not in self.queries:
+        if query not in self._columns:
             raise ValueError(f"{query!r} is not one of the report's queries {list(self.queries)}.")
-        column = self.queries.index(query)
+        column = self._columns[query]
         return sum(row[column] for row in (self.boxes_before if when == "before" else self.boxes_after))
 
     def scores_as_empty_query(self, query: str) -> bool:
         """Whether ``query`` scores every box as an empty query does after the edit (it was forgotten)."""
-        return self.gap_to_empty_after[self.queries.index(query)] <= EMPTY_QUERY_TOLERANCE
+        return self.gap_to_empty_after[self._columns[query]] <= EMPTY_QUERY_TOLERANCE
+
+    @functools.cached_property
+    def _columns(self) -> dict[str, int]:
+        """Query → its column (the first, were one given twice): a lookup per query, not a scan of the queries."""
+        columns: dict[str, int] = {}
+        for column, query in enumerate(self.queries):
+            columns.setdefault(query, column)
+        return columns
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict: settings, a summary per query and the counts per image."""
@@ -266,8 +276,8 @@ def _detect(model, family, processor, images, queries, threshold, batch_size) ->
         logits = output.logits.float()  # (images, boxes, queries)
         results = processor.post_process_grounded_object_detection(outputs=output, threshold=threshold)
         for result in results:
-            labels = result["labels"].tolist()
-            boxes.append(tuple(labels.count(column) for column in range(len(queries))))
+            labels = Counter(result["labels"].tolist())  # one pass over the boxes, not one per query
+            boxes.append(tuple(labels.get(column, 0) for column in range(len(queries))))
         max_logit = torch.maximum(max_logit, logits.amax(dim=(0, 1)).cpu())
         gap = torch.maximum(gap, (logits - empty[..., None]).abs().amax(dim=(0, 1)).cpu())
         empty_score.extend(torch.sigmoid(empty.amax(dim=1)).tolist())

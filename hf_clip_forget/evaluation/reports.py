@@ -114,13 +114,18 @@ def forgotten_class_cells(
     :class:`ZeroShotReport`): first the forgotten cells (every domain when ``forget_domains`` is ``None``: a global
     edit), then the class in the kept domains, cell by cell and, given the images per cell, pooled. A pooled number
     over every domain hides the forgotten cell; these rows show it."""
-    cells = [name for name in before if name.split("/", 1)[1] in forget_classes and name in after]
-    forgotten = [n for n in cells if forget_domains is None or n.split("/", 1)[0] in forget_domains]
-    kept = [n for n in cells if n not in forgotten]
+    classes, domains = set(forget_classes), None if forget_domains is None else set(forget_domains)
+    cells = [name for name in before if name.split("/", 1)[1] in classes and name in after]
+    forgotten = [n for n in cells if domains is None or n.split("/", 1)[0] in domains]
+    kept = [n for n in cells if domains is not None and n.split("/", 1)[0] not in domains]
     rows = [CellChange(n, "forgotten cell", before[n], after[n]) for n in forgotten]
     rows += [CellChange(n, "kept domain", before[n], after[n]) for n in kept]
+    kept_of: dict[str, list[str]] = {}  # class → its kept cells with images, in one pass
+    for n in kept if images else ():
+        if images.get(n):
+            kept_of.setdefault(n.split("/", 1)[1], []).append(n)
     for name in forget_classes if images and kept else ():
-        own = [n for n in kept if n.split("/", 1)[1] == name and images.get(n)]
+        own = kept_of.get(name, [])
         total = sum(images[n] for n in own)
         if len(own) > 1 and total:
             pooled = [sum(images[n] * side[n] for n in own) / total for side in (before, after)]
@@ -157,7 +162,8 @@ def score_predictions(
     predictions = predictions.cpu().long()
     if predictions.shape != features.labels.shape:
         raise ValueError(f"Got {predictions.shape[0]} predictions for {len(features)} images.")
-    forget_ids = [features.class_names.index(name) for name in forget_classes]
+    position = {name: i for i, name in enumerate(features.class_names)}
+    forget_ids = [position[name] for name in forget_classes]
     metric = metric if metric is not None else load_forgetting_metric()
     scores = metric.compute(
         predictions=predictions.tolist(), references=features.labels.tolist(), forget_labels=forget_ids

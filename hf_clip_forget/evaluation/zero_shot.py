@@ -76,14 +76,15 @@ def _check_forget_classes(forget_classes: Sequence[str] | None, features: ImageF
     if forget_classes is None:
         return ()
     names = validate_class_names(forget_classes, "forget_classes")
-    unknown = [name for name in names if name not in features.class_names]
+    position = {name: i for i, name in enumerate(features.class_names)}  # one pass: no scan per name
+    unknown = [name for name in names if name not in position]
     if unknown:
         raise ValueError(
             f"Forget classes {unknown} are not classes of the dataset. Its classes are {list(features.class_names)}; "
             "pass forget classes by these names."
         )
     counts = torch.bincount(features.labels, minlength=len(features.class_names))
-    empty = [name for name in names if counts[features.class_names.index(name)] == 0]
+    empty = [name for name in names if counts[position[name]] == 0]
     if empty:
         raise ValueError(
             f"The dataset has no images of the forget classes {empty}, so their accuracy cannot be measured. "
@@ -136,9 +137,10 @@ def _classify(
 ) -> ZeroShotReport:
     """Classify the cached images with ``model`` as it is now (its edits active or bypassed) and score them."""
     model = model.get_base_model() if holds_forget_adapters(model) else model  # the adapters live inside it
-    unique = list(dict.fromkeys(prompt_names))  # classes may share a prompt name (``class_prompts``)
-    text = class_embeddings(model, tokenizer, unique, templates, text_batch_size, show_progress, use_cache)
-    text = text[[unique.index(name) for name in prompt_names]]
+    position = {name: i for i, name in enumerate(dict.fromkeys(prompt_names))}  # classes may share a prompt name
+    text = class_embeddings(model, tokenizer, list(position), templates, text_batch_size, show_progress, use_cache)
+    if len(position) < len(prompt_names):
+        text = text[torch.tensor([position[name] for name in prompt_names], dtype=torch.long)]
     logits = zero_shot_logits(project_image_features(model, features), text)
     return score_predictions(logits.argmax(dim=-1), features, forget_classes, metric)
 
@@ -214,7 +216,8 @@ def _default_forget_classes(model: nn.Module, class_names: Sequence[str], class_
     by_prompt = {
         prompt: name for name, prompt in zip(class_names, _prompt_names(class_names, class_prompts), strict=True)
     }
-    resolved = [name if name in class_names else by_prompt.get(name) for name in forgotten]
+    known = set(class_names)
+    resolved = [name if name in known else by_prompt.get(name) for name in forgotten]
     missing = [name for name, found in zip(forgotten, resolved, strict=True) if found is None]
     if missing:
         raise ValueError(

@@ -144,8 +144,8 @@ class Embedder:
     @staticmethod
     def _cell_order(cells: Sequence[DomainCell]) -> Tensor:
         """Row ``i`` of ``_cells(cells)`` (grouped by domain in first-seen order) → index of its cell in ``cells``."""
-        domains = list(dict.fromkeys(cell.domain for cell in cells))
-        order = sorted(range(len(cells)), key=lambda i: domains.index(cells[i].domain))
+        domains = {domain: i for i, domain in enumerate(dict.fromkeys(cell.domain for cell in cells))}
+        order = sorted(range(len(cells)), key=lambda i: domains[cells[i].domain])
         return torch.tensor(order, dtype=torch.long)
 
     def _prototypes(self, rows: Tensor, count: int) -> tuple[Tensor, Tensor]:

@@ -32,10 +32,12 @@ def logit_edit_factors(embedder: Embedder, embeddings: Embeddings, config: Proje
     )
     classes = [*config.forgotten_classes, *config.retain_classes]
     classifier = normalize_rows(embedder.prompt_embeddings(classes, embedder.templates).mean(dim=1))
-    forget = {
-        classes.index(name): _keys(embedder, embeddings, [c for c in plan.forget if c.class_name == name], config)
-        for name in config.forgotten_classes
-    }
+    cells_of: dict[str, list[DomainCell]] = {}  # forgotten class → its forget cells, in one pass over the plan
+    for cell in plan.forget:
+        cells_of.setdefault(cell.class_name, []).append(cell)
+    # the forgotten classes come first in ``classes``: the i-th one is the classifier's row i
+    forget = {i: _keys(embedder, embeddings, cells_of.get(name, []), config)
+              for i, name in enumerate(config.forgotten_classes)}  # fmt: skip
     kept_cells = [c for c in plan.retain if plan.paradigm == "global" or c.domain not in config.domains]
     kept = _keys(embedder, embeddings, kept_cells, config) if kept_cells else None
     edit = logit_constrained_edit(classifier, forget, kept, mu=config.logit_mu, margin=config.logit_margin)
@@ -50,7 +52,8 @@ def logit_edit_factors(embedder: Embedder, embeddings: Embeddings, config: Proje
 
 
 def _keys(embedder: Embedder, embeddings: Embeddings, cells: Sequence[DomainCell], config) -> Tensor:
-    """The keys of ``cells``: each cell's prompts (as the build embedded them) averaged, or every prompt."""
+    """The keys of ``cells``: each cell's prompts (as the build embedded them) averaged, or every prompt. The
+    averages are normalised together, in one operation however many cells (20,000 retain classes) there are."""
     rows = []
     for cell in cells:
         prompts = embeddings.prompts.get(cell)
@@ -61,5 +64,7 @@ def _keys(embedder: Embedder, embeddings: Embeddings, cells: Sequence[DomainCell
                 else templates_of_domain(cell.domain, config.domain_templates)
             )
             prompts = embedder.prompt_embeddings([cell.class_name], templates)[0]
-        rows.append(normalize_rows(prompts.mean(dim=0, keepdim=True)) if config.average_templates else prompts)
+        rows.append(prompts.mean(dim=0) if config.average_templates else prompts)
+    if config.average_templates:
+        return normalize_rows(torch.stack(rows))
     return torch.cat(rows).to(torch.float64)
