@@ -21,3 +21,16 @@ def test_duplicates_among_20000_names_are_found_each_once_and_sorted():
 def test_duplicate_retain_names_of_a_domain_edit_are_found_at_20000():
     with pytest.raises(ValueError, match=r"duplicates \['class 3'\]"):
         plan_domain_edit(["dog"], domains=["sketch"], retain_classes=[*NAMES, "class 3"])
+
+
+def test_averaging_one_template_is_the_rows_themselves_and_several_their_normalised_mean():
+    import torch
+
+    from hf_clip_forget.core import average_templates, normalize_rows
+
+    rows = normalize_rows(torch.randn(50, 3, 8, dtype=torch.float64).reshape(-1, 8)).reshape(50, 3, 8)
+    assert torch.equal(average_templates(rows), normalize_rows(rows.mean(dim=1)))
+    one = rows[:, :1]
+    assert torch.equal(average_templates(one), one[:, 0])
+    # what it skips: renormalising the mean of one unit row, which only rounds it (float64, d = 8)
+    assert torch.allclose(normalize_rows(one.mean(dim=1)), one[:, 0], rtol=0, atol=1e-15)

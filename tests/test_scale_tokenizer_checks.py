@@ -112,3 +112,36 @@ def test_20000_names_take_a_few_tokenizer_calls_and_a_repeat_takes_none(fresh_re
         warn_about_poorly_tokenized_classes(tokenizer, names, TEMPLATES)
     assert tokenizer.calls == []
     assert [str(w.message) for w in warm] == [str(w.message) for w in cold]
+
+
+def test_a_repeat_warns_again_for_the_names_that_deserve_it_and_checks_the_rest_by_one_comparison():
+    """Names found fine are remembered per (tokenizer, longest template, token limit): a repeat of only such names
+    is one set comparison; a name that was warned about is warned about again on every call."""
+    import warnings
+
+    from hf_clip_forget.core.known_words import name_tokens
+    from hf_clip_forget.core.tokenizer_checks import warn_about_poorly_tokenized_classes
+    from hf_clip_forget.testing_utils import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    names = ["truck", "tree", "trukc"]
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_about_poorly_tokenized_classes(tokenizer, names, ["a photo of a {}."])
+        assert [str(w.message).split("'")[1] for w in caught] == ["trukc"]
+    from hf_clip_forget.core.tokenizer_checks import _usable_length
+
+    record = name_tokens(tokenizer)
+    assert record.clean[("a photo of a {}.", _usable_length(tokenizer))] >= {"truck", "tree"}
+    assert "trukc" not in set().union(*record.clean.values())
+    calls = []
+    original = type(tokenizer).__call__
+    try:
+        type(tokenizer).__call__ = lambda self, *a, **k: calls.append(a) or original(self, *a, **k)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_about_poorly_tokenized_classes(tokenizer, ["tree", "truck"], ["a photo of a {}."])
+    finally:
+        type(tokenizer).__call__ = original
+    assert caught == [] and calls == []

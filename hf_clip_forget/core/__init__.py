@@ -40,6 +40,7 @@ from .templates import (
 )
 from .text_embeddings import (
     ClassTextEmbeddings,
+    average_templates,
     check_tokenizer_fits,
     class_text_embeddings,
     encode_prompts,
@@ -66,6 +67,7 @@ __all__ = [
     "LinearProbeResult",
     "LowRankEdit",
     "VisualPrototypes",
+    "average_templates",
     "build_edit_factors",
     "ccup_edit",
     "check_tokenizer_fits",

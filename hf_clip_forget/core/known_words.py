@@ -131,13 +131,16 @@ class NameTokens:
     """What one tokenizer makes of texts, each found once: ``unknown`` (name → ``(unknown tokens, tokens)``, without
     special tokens; ``(0, 0)`` for a tokenizer without an unknown token), ``whole`` (word → whether it is one known
     token), ``problems`` (name → the verdict :mod:`.tokenizer_checks` reached on it) and ``lengths`` (prompt → its
-    tokens, special ones included). ``size``: the tokenizer's size, for a tokenizer recorded by object."""
+    tokens, special ones included), ``clean`` ((longest template, token limit) → the names found to deserve no
+    warning with it, so that a repeated check of them is one set comparison). ``size``: the tokenizer's size, for a
+    tokenizer recorded by object."""
 
     size: int = -1
     unknown: dict[str, tuple[int, int]] = field(default_factory=dict)
     whole: dict[str, bool] = field(default_factory=dict)
     problems: dict[str, object] = field(default_factory=dict)
     lengths: dict[str, int] = field(default_factory=dict)
+    clean: dict[tuple, set[str]] = field(default_factory=dict)
 
 
 #: Records by :func:`~.prompt_cache.tokenizer_key`, least recently used first: tokenizers that tokenise alike (one

@@ -234,6 +234,15 @@ def _text_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def average_templates(rows: Tensor) -> Tensor:
+    """``(n, d)`` from ``(n, templates, d)`` unit rows: each name's template embeddings averaged and renormalised
+    (CLIP's zero-shot ensemble). With one template, its rows as they are: the mean of one unit row renormalised is
+    that row (up to rounding), and skipping it spares two copies of every row (20,000 names: ~35 ms)."""
+    if rows.shape[1] == 1:
+        return rows[:, 0]
+    return normalize_rows(rows.mean(dim=1))
+
+
 def class_text_embeddings(
     model,
     tokenizer,
@@ -250,6 +259,6 @@ def class_text_embeddings(
     features = normalize_rows(encode_prompts(model, tokenizer, prompts, batch_size, show_progress, use_cache))
     per_class = features.reshape(len(classes), len(templates), -1)
     if average:
-        return ClassTextEmbeddings(normalize_rows(per_class.mean(dim=1)), tuple(classes), True)
+        return ClassTextEmbeddings(average_templates(per_class), tuple(classes), True)
     labels = tuple(name for name in classes for _ in templates)
     return ClassTextEmbeddings(features, labels, False)

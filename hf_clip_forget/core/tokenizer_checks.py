@@ -210,19 +210,25 @@ def warn_about_poorly_tokenized_classes(tokenizer, classes: Sequence[str], templ
     """Warn, naming the class, when a class name is likely unknown to the model (:func:`unknown_class_names`: an
     :class:`UnknownNameWarning` naming the closest known words) or its prompts get truncated: first every
     :class:`UnknownNameWarning`, then each class's other warnings in order. Linear in the classes; names already
-    checked with this tokenizer are not tokenised again (:func:`~.known_words.name_tokens`)."""
+    checked with this tokenizer are not tokenised again (:func:`~.known_words.name_tokens`), and a repeat whose
+    names were all found fine with these templates is one set comparison."""
     record = name_tokens(tokenizer)
+    limit = _usable_length(tokenizer)
+    longest = max(templates, key=len) if templates else "{}"
+    clean = record.clean.setdefault((longest, limit), set())
+    if clean.issuperset(classes):  # every name was checked with these templates before and deserved no warning
+        return
     flagged = _unknown_class_names(tokenizer, record, classes)
     for warning in flagged:
         warnings.warn(warning, stacklevel=3)
-    limit = _usable_length(tokenizer)
-    longest = max(templates, key=len) if templates else "{}"
     typos = {warning.name for warning in flagged}
+    warned = set(typos)
     counts = unknown_counts(tokenizer, record, classes)
     lengths = prompt_lengths(tokenizer, record, [longest.format(name) for name in classes]) if limit else {}
     for name in classes:
         unknown = _mostly_unknown(counts[name])
         if unknown and name not in typos:  # mostly unknown tokens, though its words are whole words of the vocabulary
+            warned.add(name)
             warnings.warn(
                 f"Class {name!r} is mostly unknown to the tokenizer ({unknown[0]} of {unknown[1]} tokens are the "
                 "unknown token) although its vocabulary holds its words, so its embedding says little about it and "
@@ -230,11 +236,13 @@ def warn_about_poorly_tokenized_classes(tokenizer, classes: Sequence[str], templ
                 stacklevel=3,
             )
         if limit is not None and lengths[longest.format(name)] > limit:
+            warned.add(name)
             warnings.warn(
                 f"Prompts for class {name!r} are longer than the text tower's {limit} tokens and are truncated, so "
                 "part of the name is not embedded. Use a shorter name.",
                 stacklevel=3,
             )
+    clean.update(name for name in classes if name not in warned)
 
 
 # ------------------------------------------------------------------------------------- words the tokenizer knows

@@ -12,6 +12,7 @@ from torch import Tensor
 from ...core import (
     DomainCell,
     DomainPlan,
+    average_templates,
     class_text_embeddings,
     encode_prompts,
     normalize_rows,
@@ -105,7 +106,7 @@ class Embedder:
             for name, prompts in zip(names, rows, strict=True):
                 self.prompts[DomainCell(name, domain)] = prompts
         if self.config.average_templates:
-            return normalize_rows(rows.mean(dim=1))
+            return average_templates(rows)
         return rows.reshape(-1, rows.shape[-1])
 
     def prompt_embeddings(self, names: Sequence[str], templates: Sequence[str]) -> Tensor:

@@ -56,7 +56,17 @@ def _is_name(value) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS and "\x00" not in value
 
 
+def _are_names(values) -> bool:
+    """:func:`_is_name` of every item, in a few C-level passes (a config may list 20,000 retain class names)."""
+    if not set(map(type, values)) <= {str}:
+        return all(_is_name(item) for item in values)  # str subclasses and the rest: one by one
+    lengths = list(map(len, values))
+    return not lengths or (min(lengths) > 0 and max(lengths) <= MAX_NAME_CHARS and "\x00" not in "".join(values))
+
+
 def _list_of(check) -> Callable[[Any], bool]:
+    if check is _is_name:
+        return lambda value: isinstance(value, (list, tuple)) and _are_names(value)
     return lambda value: isinstance(value, (list, tuple)) and all(check(item) for item in value)
 
 
@@ -79,7 +89,7 @@ NAMES = Spec("a list of non-empty strings", _list_of(_is_name))
 OPTIONAL_NAMES = Spec("a list of non-empty strings, or null", _optional(_list_of(_is_name)))
 TARGETS = Spec(
     'a list of layer names (the family\'s image and/or text embedding layer, e.g. ["visual_projection"]), or null',
-    lambda v: v is None or (isinstance(v, (list, tuple, set, frozenset)) and all(_is_name(x) for x in v)),
+    lambda v: v is None or (isinstance(v, (list, tuple, set, frozenset)) and _are_names(list(v))),
 )
 RANKS = Spec("an object mapping layer names to integers >= 1", _dict_of(lambda v: _is_int(v) and v >= 1))
 SHAPES = Spec(
@@ -211,7 +221,8 @@ def check_depth(value, where: str, limit: int = MAX_DEPTH) -> None:
                 f"Adapter config field `{where}` is nested more than {limit} levels deep; no forget adapter config "
                 "is. The file is corrupt or was altered."
             )
-        pending.extend((child, depth + 1) for child in children)
+        containers = [child for child in children if isinstance(child, (Mapping, list, tuple))]  # leaves end here
+        pending.extend((child, depth + 1) for child in containers)
 
 
 # ---------------------------------------------------------------------------------------------------- the file
