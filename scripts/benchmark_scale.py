@@ -11,11 +11,12 @@ Class names are the demo tokenizer's vocabulary words (``vocabulary_words``): th
 * ``warm`` — the same call again with the prompt cache warm (filled once before, in memory);
 * ``solve`` — the same call with ``text_embeds`` / ``retain_text_embeds`` given (the embeddings computed once
   before): the build without any prompt handling, the reference of the warm goal;
-* the warm repeat's own steps, from one profiled repeat (``cProfile``, cumulative seconds): name validation
-  (``validate_class_names``), the tokenizer checks (``warn_about_poorly_tokenized_classes``, ``unknown_class_names``,
-  ``check_tokenizer_matches_model``) and the cache lookups (``cached_embeddings``), as shares of the profiled call
-  (the profiler slows Python-heavy steps more than tensor work, so a share against the unprofiled time would
-  overstate them).
+* the warm repeat's own steps, each timed alone as the build calls it (median): name validation
+  (``validate_class_names``), the tokenizer checks (``check_tokenizer_matches_model``,
+  ``warn_about_poorly_tokenized_classes``) and the cache lookups (``encode_prompts`` of the cached prompts).
+
+The cold edit and the bare pass are interleaved first; then, once the cache is filled, the warm repeat and the solve
+(at least 5 rounds): a repeated edit follows the same edit, not a cold one.
 
 Goals (issue 24): cold ≤ 1.1× bare at 20,000 names; warm ≤ 1.5× solve; validation + tokenizer checks + cache
 lookups ≤ 5 % of warm at 20,000 names; every non-encoding step's time at 20,000 names ≤ 2.2× its time at 10,000.
@@ -33,10 +34,8 @@ The prompt cache lives in a temporary folder (never the user's ``$HF_HOME``).
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
-import pstats
 import statistics
 import subprocess
 import sys
@@ -83,16 +82,22 @@ def build(model, tokenizer, forget, retain, templates, **options) -> None:
     edited.unload()
 
 
-def steps_of(profile: cProfile.Profile) -> dict[str, float]:
-    """Cumulative seconds of each step's functions in a profiled call of :func:`build` (a function counted once per
-    step), and ``"profiled total"``, the call's own cumulative seconds under the profiler (which slows Python-heavy
-    steps more than tensor work: shares are taken within the profile)."""
-    stats = pstats.Stats(profile).stats
-    found = {}
-    for step, names in STEP_FUNCTIONS.items():
-        found[step] = sum(entry[3] for (_, _, function), entry in stats.items() if function in names)
-    found["profiled total"] = max(entry[3] for (_, _, function), entry in stats.items() if function == "build")
-    return found
+def step_times(model, tokenizer, forget: list[str], retain: list[str], repeats: int) -> dict[str, float]:
+    """Median seconds of the warm repeat's own steps, each called as the build calls it, on the same names (warm:
+    the build ran before): name validation, the tokenizer checks, and the prompt-cache lookup (``encode_prompts``
+    of the prompts, all cached: key, lookup, rows back as one tensor)."""
+    from hf_clip_forget.core import encode_prompts
+    from hf_clip_forget.core.text_embeddings import validate_class_names
+    from hf_clip_forget.core.tokenizer_checks import check_tokenizer_matches_model, warn_about_poorly_tokenized_classes
+
+    prompts = [SINGLE[0].format(name) for name in forget + retain]
+    steps = {
+        "validation": lambda: (validate_class_names(forget), validate_class_names(retain, "retain_classes")),
+        "tokenizer checks": lambda: (check_tokenizer_matches_model(model, tokenizer),
+                                     warn_about_poorly_tokenized_classes(tokenizer, forget + retain, SINGLE)),
+        "cache lookups": lambda: encode_prompts(model, tokenizer, prompts, show_progress=False),
+    }  # fmt: skip
+    return {name: statistics.median(timed(step) for _ in range(max(repeats, 5))) for name, step in steps.items()}
 
 
 def names_scale(model, tokenizer, sizes: list[int], repeats: int) -> list[dict]:
@@ -107,22 +112,22 @@ def names_scale(model, tokenizer, sizes: list[int], repeats: int) -> list[dict]:
         with prompt_cache_disabled():
             text = encode_prompts(model, tokenizer, prompts[:10], show_progress=False)
             retain_text = encode_prompts(model, tokenizer, prompts[10:], show_progress=False)
-        build(model, tokenizer, forget, retain, SINGLE)  # fills the prompt cache (in memory)
         times = {"bare": [], "cold": [], "warm": [], "solve": []}
-        for _ in range(repeats):
+        for _ in range(repeats):  # the cold edit against its limit, interleaved
             times["bare"].append(timed(bare_pass, model, tokenizer, prompts))
             with prompt_cache_disabled():
                 times["cold"].append(timed(build, model, tokenizer, forget, retain, SINGLE))
+        build(model, tokenizer, forget, retain, SINGLE)  # fills the prompt cache (in memory)
+        for _ in range(max(repeats, 5)):  # a repeated edit against the solve alone, interleaved
             times["warm"].append(timed(build, model, tokenizer, forget, retain, SINGLE))
             times["solve"].append(timed(build, model, None, None, None, None, text_embeds=text,
                                         retain_text_embeds=retain_text))  # fmt: skip
-        profile = cProfile.Profile()
-        profile.runcall(build, model, tokenizer, forget, retain, SINGLE)
         median = {name: statistics.median(values) for name, values in times.items()}
-        steps = steps_of(profile)
-        row = {"retain_names": size, "prompts": len(prompts), "seconds": median, "steps_profiled": steps,
-               "cold_over_bare": median["cold"] / median["bare"], "warm_over_solve": median["warm"] / median["solve"],
-               "checks_share_of_warm": sum(steps[step] for step in STEP_FUNCTIONS) / steps["profiled total"]}  # fmt: skip
+        steps = step_times(model, tokenizer, forget, retain, repeats)
+        row = {"retain_names": size, "prompts": len(prompts), "seconds": median, "all_seconds": times,
+               "steps": steps, "cold_over_bare": median["cold"] / median["bare"],
+               "warm_over_solve": median["warm"] / median["solve"],
+               "checks_share_of_warm": sum(steps.values()) / median["warm"]}  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -134,46 +139,79 @@ def linearity(rows: list[dict], small: int, large: int) -> dict[str, float] | No
     if small not in by_size or large not in by_size:
         return None
     a, b = by_size[small], by_size[large]
-    ratios = {step: b["steps_profiled"][step] / a["steps_profiled"][step] for step in b["steps_profiled"]}
+    ratios = {step: b["steps"][step] / a["steps"][step] for step in b["steps"]}
     ratios.update({name: b["seconds"][name] / a["seconds"][name] for name in ("warm", "solve")})
     return ratios
 
 
-def worker(names: int) -> None:
-    """A fresh process: peak resident memory of one cold build with ``names`` × 80 prompts, above the loaded model."""
+def _rss() -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS"))
+
+
+def peak_above(function, *args, **options) -> tuple[float, int, int]:
+    """``(seconds, resident bytes before, highest resident bytes during)`` of ``function(*args)`` (sampled every
+    5 ms)."""
     import threading
 
-    from hf_clip_forget.cli import load_dual_encoder
-    from hf_clip_forget.core import IMAGENET_TEMPLATES, vocabulary_words
-    from hf_clip_forget.core.prompt_cache import prompt_cache_disabled
-
-    def rss() -> int:
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS"))
-
-    model, tokenizer, _ = load_dual_encoder("demo", image_processor=False)
-    words = vocabulary_words(tokenizer, names)
-    loaded, peak, done = rss(), [0], threading.Event()
+    before, peak, done = _rss(), [0], threading.Event()
 
     def watch() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], rss())
+            peak[0] = max(peak[0], _rss())
             time.sleep(0.005)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     try:
-        with prompt_cache_disabled():
-            seconds = timed(build, model, tokenizer, words[:1], words[1:] or None, list(IMAGENET_TEMPLATES))
+        seconds = timed(function, *args, **options)
     finally:
         done.set()
         thread.join()
-    dim = model.config.projection_dim
+    return seconds, before, max(peak[0], before)
+
+
+def worker(names: int, mode: str) -> None:
+    """A fresh process, the demo model loaded: ``mode`` ``"build"``, the peak resident memory of one cold build with
+    ``names`` × 80 prompts; ``"batch"``, of one forward of the text tower over the batch of 256 of those prompts with
+    the most tokens (the activations one batch of the build holds)."""
+    from hf_clip_forget.cli import load_dual_encoder
+    from hf_clip_forget.core import IMAGENET_TEMPLATES, vocabulary_words
+    from hf_clip_forget.core.prompt_cache import prompt_cache_disabled
+    from hf_clip_forget.core.text_embeddings import _Tokenization
+
+    model, tokenizer, _ = load_dual_encoder("demo", image_processor=False)
+    words = vocabulary_words(tokenizer, names)
+    if mode == "batch":
+        prompts = [template.format(word) for word in words for template in IMAGENET_TEMPLATES]
+        tokenize = _Tokenization.of(model, tokenizer)
+        lengths = tokenize.lengths(prompts)
+        longest = [prompts[i] for i in sorted(range(len(prompts)), key=lengths.__getitem__)[-256:]]
+        inputs = tokenize(longest)
+        with torch.inference_mode():
+            seconds, before, peak = peak_above(model.get_text_features, **inputs)
+        tokens = int(inputs["input_ids"].shape[1])
+    else:
+        with prompt_cache_disabled():
+            seconds, before, peak = peak_above(build, model, tokenizer, words[:1], words[1:] or None,
+                                               list(IMAGENET_TEMPLATES))  # fmt: skip
+        tokens = None
     print(json.dumps({"names": names, "prompts": names * len(IMAGENET_TEMPLATES), "seconds": seconds,
-                      "loaded_rss": loaded, "peak_rss": peak[0], "dim": dim}))  # fmt: skip
+                      "before_rss": before, "peak_rss": peak, "dim": model.config.projection_dim,
+                      "batch_tokens": tokens}))  # fmt: skip
+
+
+def _child(names: int, mode: str) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--worker", str(names), "--worker-mode", mode], check=True,
+                           capture_output=True, text=True, env=os.environ)  # fmt: skip
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def prompts_scale(model, tokenizer, names_list: list[int]) -> list[dict]:
+    """Cold build vs bare pass at ``names`` × 80 prompts, and the build's peak memory against the issue's bound,
+    O(prompts × d) plus one batch of the tower's activations, taken as ``4 × prompts × d × 4`` bytes (the tower's
+    float32 rows and their float64 normalised copy are three float32 copies; one more for slack) plus one batch's
+    activations measured in their own process."""
     from hf_clip_forget.core import IMAGENET_TEMPLATES, vocabulary_words
 
     rows = []
@@ -181,18 +219,39 @@ def prompts_scale(model, tokenizer, names_list: list[int]) -> list[dict]:
         words = vocabulary_words(tokenizer, names)
         prompts = [template.format(word) for word in words for template in IMAGENET_TEMPLATES]
         bare = timed(bare_pass, model, tokenizer, prompts)
-        child = subprocess.run([sys.executable, __file__, "--worker", str(names)], check=True, capture_output=True,
-                               text=True, env=os.environ)  # fmt: skip
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
-        width = model.config.text_config.hidden_size
-        batch_activations = 256 * model.config.text_config.max_position_embeddings * width * 4 * 8
-        bound = 2 * measured["prompts"] * measured["dim"] * 4 + batch_activations
-        row = {**measured, "bare_seconds": bare, "cold_over_bare": measured["seconds"] / bare,
-               "run_bytes": measured["peak_rss"] - measured["loaded_rss"], "bound_bytes": bound,
-               "bytes_per_prompt": (measured["peak_rss"] - measured["loaded_rss"]) / measured["prompts"]}  # fmt: skip
+        measured, batch = _child(names, "build"), _child(names, "batch")
+        run = measured["peak_rss"] - measured["before_rss"]
+        batch_bytes = batch["peak_rss"] - batch["before_rss"]
+        rows_bytes = measured["prompts"] * measured["dim"] * 4
+        row = {**measured, "bare_seconds": bare, "cold_over_bare": measured["seconds"] / bare, "run_bytes": run,
+               "batch_bytes": batch_bytes, "batch_tokens": batch["batch_tokens"], "rows_bytes": rows_bytes,
+               "bound_bytes": 4 * rows_bytes + batch_bytes, "bytes_per_prompt": run / measured["prompts"]}  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def print_tables(result: dict) -> None:
+    """The Markdown tables of ``docs/scale.md``."""
+    print("| retain names | prompts | bare s | cold s | cold / bare | solve s | warm s | warm / solve "
+          "| validation ms | tokenizer checks ms | cache lookups ms | checks share of warm |")  # fmt: skip
+    print("|" + " --- |" * 12)
+    for row in result["names"]:
+        seconds, steps = row["seconds"], row["steps"]
+        print(f"| {row['retain_names']:,} | {row['prompts']:,} | {seconds['bare']:.3f} | {seconds['cold']:.3f} | "
+              f"{row['cold_over_bare']:.2f} | {seconds['solve']:.3f} | {seconds['warm']:.3f} | "
+              f"{row['warm_over_solve']:.2f} | {1000 * steps['validation']:.1f} | "
+              f"{1000 * steps['tokenizer checks']:.1f} | {1000 * steps['cache lookups']:.1f} | "
+              f"{100 * row['checks_share_of_warm']:.1f} % |")  # fmt: skip
+    print("\n| prompts | bare s | cold s | cold / bare | build's peak above the loaded model MB | rows MB "
+          "| one batch MB | bound MB | bytes per prompt above the smallest build |")  # fmt: skip
+    print("|" + " --- |" * 9)
+    smallest = min(result["prompts"], key=lambda row: row["prompts"]) if result["prompts"] else None
+    for row in result["prompts"]:
+        extra = (row["run_bytes"] - smallest["run_bytes"]) / (row["prompts"] - smallest["prompts"] or 1)
+        print(f"| {row['prompts']:,} | {row['bare_seconds']:.2f} | {row['seconds']:.2f} | {row['cold_over_bare']:.2f} "
+              f"| {row['run_bytes'] / 1e6:.0f} | {row['rows_bytes'] / 1e6:.0f} | {row['batch_bytes'] / 1e6:.0f} | "
+              f"{row['bound_bytes'] / 1e6:.0f} | {extra:,.0f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -202,14 +261,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-mode", default="build", help=argparse.SUPPRESS)
+    parser.add_argument("--from-json", default=None, help="print the tables of a JSON this script wrote")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as handle:
+            print_tables(json.load(handle))
+        return
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
     os.environ["HF_HOME"] = os.environ.get("HF_CLIP_FORGET_SCALE_HOME") or tempfile.mkdtemp(
         prefix="hf_clip_forget-scale-"
     )
     if args.worker is not None:
-        worker(args.worker)
+        worker(args.worker, args.worker_mode)
         return
     from hf_clip_forget.cli import load_dual_encoder
 
@@ -223,6 +288,7 @@ def main() -> None:
         "seconds": time.perf_counter() - started, "torch": torch.__version__, "load_average": os.getloadavg(),
     }  # fmt: skip
     print(json.dumps(result, indent=2))
+    print_tables(result)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -19,7 +19,6 @@ from ..families import find_family
 from .joint_embeddings import embedding_function
 from .prompt_cache import cached_embeddings, prompt_cache_enabled, tokenizer_key
 from .subspace import normalize_rows
-from .templates import fill_templates
 from .text_path import edits_bypassed, text_path, text_path_fingerprint, text_path_in_training, text_side_edits
 
 
@@ -113,12 +112,20 @@ class _Tokenization:
     def settings(self) -> dict:
         return {"padding": self.padding, "max_length": self.max_length, "truncation": self.max_length is not None}
 
-    def lengths(self, prompts: list[str]) -> list[int]:
-        """The number of tokens of each prompt (after truncation), without padding."""
-        encoded = self.tokenizer(
-            prompts, padding=False, truncation=self.max_length is not None, max_length=self.max_length
-        )
-        return [len(ids) for ids in encoded["input_ids"]]
+    def lengths(self, prompts: list[str], chunk: int = 4096) -> list[int]:
+        """The number of tokens of each prompt (after truncation), without padding; tokenised ``chunk`` prompts at a
+        time, so that what a tokenizer returns per prompt (ids, and a fast tokenizer's encodings with their tokens
+        and offsets) is held for one chunk, not for every prompt at once."""
+        lengths = []
+        for start in range(0, len(prompts), chunk):
+            encoded = self.tokenizer(
+                prompts[start : start + chunk],
+                padding=False,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+            )
+            lengths.extend(len(ids) for ids in encoded["input_ids"])
+        return lengths
 
     def __call__(self, batch: list[str]) -> dict:
         inputs = self.tokenizer(
@@ -255,7 +262,7 @@ def class_text_embeddings(
 ) -> ClassTextEmbeddings:
     """Embed every class name with every template and L2-normalise (see :class:`ClassTextEmbeddings`; ``use_cache``:
     see :func:`encode_prompts`)."""
-    prompts = [prompt for name in classes for prompt in fill_templates(name, templates)]
+    prompts = [template.format(name) for name in classes for template in templates]  # fill_templates, flat
     features = normalize_rows(encode_prompts(model, tokenizer, prompts, batch_size, show_progress, use_cache))
     per_class = features.reshape(len(classes), len(templates), -1)
     if average:

@@ -3,7 +3,7 @@ tower (and, for prototypes, its image tower), with every prompt's own embedding 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +47,7 @@ class Embeddings:
     anchor: Tensor | None
     neighbours: Tensor | None = None
     plan: DomainPlan | None = None
-    prompts: dict[DomainCell, Tensor] = field(default_factory=dict)
+    prompts: Mapping[DomainCell, Tensor] = field(default_factory=dict)
     prototypes: tuple[Tensor, Tensor] | None = None
 
 
@@ -58,6 +58,39 @@ def domain_aware(config: ProjectionEditConfig) -> bool:
     )
 
 
+class CellPrompts(Mapping):
+    """Each embedded cell → its prompts' unit embeddings ``(templates, d)``, kept as the blocks they were embedded in
+    (one tensor per call) and looked up by cell: recording 20,000 names costs one dict of names, not 20,000 cells
+    and tensor views. A cell recorded twice gives its latest rows, as assigning into a dict would."""
+
+    def __init__(self, blocks: Sequence[tuple] = ()) -> None:
+        self._blocks = list(blocks)  # (domain, {name: row}, rows), oldest first
+
+    def add(self, names: Sequence[str], domain: str | None, rows: Tensor) -> None:
+        self._blocks.append((domain, {name: index for index, name in enumerate(names)}, rows))
+
+    def copy(self) -> CellPrompts:
+        return CellPrompts(self._blocks)
+
+    def __getitem__(self, cell: DomainCell) -> Tensor:
+        name, domain = getattr(cell, "class_name", None), getattr(cell, "domain", None)
+        for block_domain, position, rows in reversed(self._blocks):
+            if block_domain == domain and name in position:
+                return rows[position[name]]
+        raise KeyError(cell)
+
+    def __iter__(self):
+        seen = set()
+        for domain, position, _ in reversed(self._blocks):
+            for name in position:
+                if (name, domain) not in seen:
+                    seen.add((name, domain))
+                    yield DomainCell(name, domain)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class Embedder:
     """Turns a config's classes (and domains, prototypes) into forget, retain and anchor embeddings."""
 
@@ -66,7 +99,7 @@ class Embedder:
         self.templates = resolve_templates(
             config.templates or family_of(model).templates_for(config.target_modules or "visual")
         )
-        self.prompts: dict[DomainCell, Tensor] = {}
+        self.prompts = CellPrompts()
 
     def embeddings(self, modules: Sequence[str]) -> Embeddings:
         config, inputs = self.config, self.inputs
@@ -94,7 +127,7 @@ class Embedder:
         anchor = self._anchor() if family_of(self.model).text.module in modules else None
         words = [word for names in config.neighbour_names.values() for word in names]
         neighbours = self.classes(words, record=False) if words else None
-        return Embeddings(self.templates, forget, retain, anchor, neighbours, plan, dict(self.prompts), prototypes)
+        return Embeddings(self.templates, forget, retain, anchor, neighbours, plan, self.prompts.copy(), prototypes)
 
     def classes(self, names: Sequence[str], templates: Sequence[str] | None = None, domain: str | None = None,
                 record: bool = True) -> Tensor:  # fmt: skip
@@ -103,8 +136,7 @@ class Embedder:
         templates = list(templates or self.templates)
         rows = self.prompt_embeddings(names, templates)
         if record:
-            for name, prompts in zip(names, rows, strict=True):
-                self.prompts[DomainCell(name, domain)] = prompts
+            self.prompts.add(names, domain, rows)
         if self.config.average_templates:
             return average_templates(rows)
         return rows.reshape(-1, rows.shape[-1])
