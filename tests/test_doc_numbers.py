@@ -83,8 +83,8 @@ _PAIR = re.compile(rf"(?<![\d.,–-]){_NUMBER}\s*%?\s*→\s*{_NUMBER}(?![\d.]*\s
 _PERCENT = re.compile(rf"(?<![\d.,+−–-]){_NUMBER}\s*%")
 _SLASH = re.compile(rf"{_NUMBER}\s*%?\s*/\s*{_NUMBER}\s*%?")
 _DECIMAL_CELL = re.compile(r"(\d+\.\d+)(?:\s*(?:×|[a-z(][^A-Z]*))?")
-#: How a JSON value may be shown: as stored, a fraction in per cent, a count in millions.
-SCALES = (1.0, 100.0, 1e-6)
+#: How a JSON value may be shown: as stored, a fraction in per cent, a count in millions, seconds in milliseconds.
+SCALES = (1.0, 100.0, 1e-6, 1e3)
 
 
 def doc_sources() -> list[tuple[Path, list[Path]]]:
