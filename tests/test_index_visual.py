@@ -92,6 +92,10 @@ def test_what_cannot_be_estimated_is_refused_with_the_reason():
     far = -centres[:1]  # no stored vector is nearest to this "class"
     with pytest.raises(ValueError, match=f"at least {MIN_MEMBERS}"):
         visual_erasure(rows, far, centres[1:], ["ghost"], ["b", "c", "d"])
+    corrupt = rows.clone()
+    corrupt[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        visual_erasure(corrupt, centres[:1], centres[1:], ["a"], ["b", "c", "d"])
     with pytest.raises(ValueError, match="do not fit together"):
         visual_erasure(rows, centres[:1, :5], centres[1:], ["a"], ["b", "c", "d"])
 

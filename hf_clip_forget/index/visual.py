@@ -147,6 +147,12 @@ def _check_inputs(sample, class_text, competitor_text, classes, competitors, ran
         )
     if rank < 0:
         raise ValueError(f"rank must be at least 0, got {rank}.")
+    if not bool(torch.isfinite(sample).all()):
+        raise ValueError(
+            "The sampled stored vectors hold NaN or infinite values, so what the classes look like cannot be "
+            "estimated from them: repair or drop those vectors (the index is corrupt there), or leave the visual "
+            "erasure out."
+        )
     dims = {sample.shape[-1], class_text.shape[-1], competitor_text.shape[-1]}
     if len(dims) != 1 or len(class_text) != len(classes) or len(competitor_text) != len(competitors):
         raise ValueError(
